@@ -1,0 +1,111 @@
+"""A run folder: weights (safetensors), optimizer state, and run.json (configs + per-epoch metrics).
+
+Each file is written atomically; run.json is written last and names the epoch the weights hold, so a
+crash mid-save leaves the previous, consistent checkpoint readable.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from fastvae.config import ModelConfig
+from fastvae.errors import FastVAEError
+from fastvae.files import atomic_write
+
+WEIGHTS = "model.safetensors"
+OPTIMIZER = "optimizer.pt"
+RECORD = "run.json"
+FORMAT = "fastvae-1"
+
+
+def save_checkpoint(
+    out_dir: Path, model: torch.nn.Module, config: ModelConfig, record: dict[str, Any],
+    optimizer_state: dict[str, Any],
+) -> None:
+    """Write weights, optimizer state and the run record for the epoch `record['epochs_done']`."""
+    epoch = str(record["epochs_done"])
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    metadata = {"format": FORMAT, "model_config": json.dumps(asdict(config)), "epoch": epoch}
+    weights = save_safetensors(tensors, metadata=metadata)
+    atomic_write(out_dir / WEIGHTS, lambda f: f.write(weights))
+    atomic_write(out_dir / OPTIMIZER, lambda f: torch.save({**optimizer_state, "epoch": epoch}, f))
+    text = json.dumps(record, indent=2).encode()
+    atomic_write(out_dir / RECORD, lambda f: f.write(text))
+
+
+def _weights_path(path: Path) -> Path:
+    if path.is_dir():
+        path = path / WEIGHTS
+    if not path.is_file():
+        raise FastVAEError(f"no checkpoint at {path}: pass a run folder written by `fastvae train`")
+    return path
+
+
+def load_weights(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], int]:
+    """Read a run folder or its model.safetensors: (model config, state dict, epochs trained)."""
+    path = _weights_path(Path(path))
+    raw = path.read_bytes()
+    try:
+        state = load_safetensors(raw)
+        header_len = int.from_bytes(raw[:8], "little")
+        metadata = json.loads(raw[8 : 8 + header_len]).get("__metadata__") or {}
+    except (SafetensorError, ValueError, UnicodeDecodeError) as e:
+        raise FastVAEError(f"{path} is corrupt or not a safetensors file ({e}); train again or restore it") from e
+    if metadata.get("format") != FORMAT:
+        raise FastVAEError(f"{path} is not a fastvae checkpoint (no '{FORMAT}' metadata)")
+    try:
+        config = ModelConfig(**json.loads(metadata["model_config"]))
+        epoch = int(metadata["epoch"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise FastVAEError(f"{path} has unreadable fastvae metadata ({e})") from e
+    return config, state, epoch
+
+
+def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> None:
+    """Load `state` into `model`, naming missing, unexpected or mis-shaped tensors on failure."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        raise FastVAEError(
+            f"{source} does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}, "
+            f"shape mismatches {shapes[:3]}"
+        )
+    model.load_state_dict(state)
+
+
+def load_record(out_dir: Path) -> dict[str, Any]:
+    path = out_dir / RECORD
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise FastVAEError(f"no {RECORD} in {out_dir}: nothing to resume; drop --resume to start") from e
+    except (OSError, ValueError) as e:
+        raise FastVAEError(f"{path} is unreadable ({e}); it is not a fastvae run folder") from e
+
+
+def load_optimizer_state(out_dir: Path, epoch: int) -> dict[str, Any]:
+    path = out_dir / OPTIMIZER
+    try:
+        state = torch.load(io.BytesIO(path.read_bytes()), weights_only=True)
+    except FileNotFoundError as e:
+        raise FastVAEError(f"no {OPTIMIZER} in {out_dir}: cannot resume exactly") from e
+    except Exception as e:  # torch.load raises many types for a damaged file
+        raise FastVAEError(f"{path} is corrupt ({type(e).__name__}); cannot resume") from e
+    if state.get("epoch") != str(epoch):
+        raise FastVAEError(
+            f"{path} belongs to epoch {state.get('epoch')} but the weights to epoch {epoch}: "
+            "the checkpoint is inconsistent; start a new --out"
+        )
+    return state

@@ -1,0 +1,126 @@
+"""Command line: `fastvae train`, `fastvae eval`. Errors in the user's input print one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from fastvae.errors import FastVAEError
+
+# Options a resumed run must keep, so that it continues the same function and random streams.
+_FIXED_ON_RESUME = ("data", "batch_size", "lr", "beta", "seed", "model", "limit_train")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastvae", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train the VAE; writes weights, metrics and image grids to --out")
+    # Defaults are None here and filled from the dataclasses (or the checkpoint on --resume).
+    train.add_argument("--data", choices=["fashion-mnist", "mnist"], help="dataset (default fashion-mnist)")
+    train.add_argument("--data-dir", help="folder with the IDX files (default: the Debian package's folder)")
+    train.add_argument("--epochs", type=int, help="total epochs of the run, counting resumed ones (default 10)")
+    train.add_argument("--batch-size", type=int, help="images per step (default 1024)")
+    train.add_argument("--lr", type=float, help="Adam learning rate (default 2e-3)")
+    train.add_argument("--z-dim", type=int, help="latent dimensions (default 32)")
+    train.add_argument("--beta", type=float, help="weight of the KL term, beta-VAE (default 1.0)")
+    train.add_argument("--seed", type=int, help="seed of weights, shuffles and samples (default 0)")
+    train.add_argument("--device", choices=["auto", "cpu", "cuda"], help="(default auto: cuda if present)")
+    train.add_argument("--compile", action="store_true", default=None, help="torch.compile the step")
+    train.add_argument("--amp", action="store_true", default=None, help="mixed precision (bf16, or fp16)")
+    train.add_argument("--model", choices=["fast", "reference"], help="fast (default) or the lab's own code")
+    train.add_argument("--limit-train", type=_positive_int, help="train on the first N images only")
+    train.add_argument("--out", default="runs/fastvae", help="run folder (default runs/fastvae)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    ev = sub.add_parser("eval", help="test-set negative ELBO and importance-weighted bound of a checkpoint")
+    ev.add_argument("checkpoint", help="a run folder (or its model.safetensors)")
+    ev.add_argument("--data", choices=["fashion-mnist", "mnist"], default="fashion-mnist")
+    ev.add_argument("--data-dir")
+    ev.add_argument("--k", type=_positive_int, default=1000, help="importance samples (default 1000)")
+    ev.add_argument("--limit", type=_positive_int, help="evaluate the first N test images only")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    return parser
+
+
+def _train_configs(args: argparse.Namespace):
+    from fastvae.checkpoint import load_record
+    from fastvae.config import ModelConfig, TrainConfig
+
+    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None}
+    z_dim = args.z_dim
+    if args.resume:
+        record = load_record(Path(args.out))
+        saved = record["train_config"]
+        saved_z = record["model_config"]["z_dim"]
+        if z_dim is not None and z_dim != saved_z:
+            raise FastVAEError(f"--z-dim {z_dim} disagrees with the checkpoint in {args.out} (z_dim {saved_z})")
+        for name in _FIXED_ON_RESUME:
+            if name in given and given[name] != saved[name]:
+                raise FastVAEError(
+                    f"--{name.replace('_', '-')} {given[name]} disagrees with the checkpoint in {args.out} "
+                    f"({saved[name]}): a resumed run keeps it"
+                )
+        given = {**{k: saved[k] for k in _FIXED_ON_RESUME}, **given}
+        z_dim = saved_z
+    model_config = ModelConfig(**({} if z_dim is None else {"z_dim": z_dim}))
+    return TrainConfig(**given), model_config
+
+
+def _train(args: argparse.Namespace) -> int:
+    from fastvae.train import train
+
+    config, model_config = _train_configs(args)
+    train(config, model_config, args.out, resume=args.resume, progress=not args.no_progress)
+    print(f"wrote {args.out}: model.safetensors, run.json, recon.png, samples.png")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+
+    from fastvae.checkpoint import load_into, load_weights
+    from fastvae.data import load_images
+    from fastvae.evaluate import importance_weighted_bound, negative_elbo
+    from fastvae.model import VAE
+    from fastvae.train import generator, resolve_device
+
+    device = resolve_device(args.device)
+    config, state, epoch = load_weights(args.checkpoint)
+    model = VAE(config).to(device)
+    load_into(model, state, args.checkpoint)
+    images = load_images(args.data, "test", args.data_dir)
+    if images.shape[1:] != (config.im_chan, config.image_size, config.image_size):
+        raise FastVAEError(f"{args.data} images are {tuple(images.shape[1:])}; the checkpoint expects "
+                           f"{(config.im_chan, config.image_size, config.image_size)}")
+    images = images[: args.limit].to(device)
+    elbo = negative_elbo(model, images, generator(args.seed, 0, device=device))
+    iwae = importance_weighted_bound(model, images, args.k, generator(args.seed, 1, device=device))
+    print(f"{args.checkpoint} (epoch {epoch}, z_dim {config.z_dim}) on {len(images)} {args.data} test images:")
+    print(f"  negative ELBO:       {elbo:.2f} nats/image")
+    print(f"  IWAE bound (k={args.k}): {iwae:.2f} nats/image")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"train": _train, "eval": _eval}[args.command](args)
+    except FastVAEError as e:
+        print(f"fastvae {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fastvae {args.command}: interrupted; files already written are intact", file=sys.stderr)
+        return 130
+
+

@@ -1,0 +1,136 @@
+"""Datasets as whole uint8 tensors (N, 1, 28, 28) read from IDX files, and batches drawn by shuffled index.
+
+A whole split of (Fashion-)MNIST is 47 MB, so it lives on the training device and no per-sample Python or
+worker process ever stands between the data and the model.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastvae.errors import FastVAEError
+
+DATASETS = ("fashion-mnist", "mnist")
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+MNIST_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastvae"
+_SPLIT_PREFIX = {"train": "train", "test": "t10k"}
+_UBYTE = 0x08
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an IDX file (plain or gzip) of unsigned bytes into an array of the shape its header gives."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError) as e:
+        raise FastVAEError(f"cannot read IDX file {path}: {e}") from e
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise FastVAEError(f"{path} is not an IDX file (bad magic number); expected MNIST-format data")
+    if raw[2] != _UBYTE:
+        raise FastVAEError(f"{path}: IDX type code 0x{raw[2]:02x} is not supported; expected unsigned bytes")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise FastVAEError(f"{path} is truncated: the header is incomplete")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    expected = int(np.prod(shape, dtype=np.int64))
+    if len(raw) - header != expected:
+        raise FastVAEError(
+            f"{path} is truncated or corrupt: header says {shape} = {expected} bytes, "
+            f"found {len(raw) - header}; download the file again"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def write_idx(path: str | Path, array: np.ndarray) -> None:
+    """Write a uint8 array as an IDX file, gzip-compressed when the name ends in .gz (used by tests)."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = bytes([0, 0, _UBYTE, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    payload = header + array.tobytes()
+    Path(path).write_bytes(gzip.compress(payload) if str(path).endswith(".gz") else payload)
+
+
+def _find_idx(directory: Path, stem: str) -> Path | None:
+    for name in (f"{stem}.gz", stem):
+        if (directory / name).is_file():
+            return directory / name
+    return None
+
+
+def _missing_message(name: str, directory: Path, stem: str) -> str:
+    if name == "fashion-mnist" and directory == FASHION_MNIST_DIR:
+        fix = "install it with `sudo apt-get install -y dataset-fashion-mnist`, or pass --data-dir DIR"
+    else:
+        fix = "put the four MNIST-format IDX files there, or pass --data-dir DIR that holds them"
+    return f"{name}: {stem}[.gz] not found in {directory}: {fix}"
+
+
+def _mnist_download_dir() -> Path:
+    """Fetch MNIST with torchvision into the user cache; return the folder holding its IDX files."""
+    from torchvision.datasets import MNIST
+
+    root = MNIST_CACHE_DIR
+    try:
+        MNIST(str(root), train=True, download=True)
+        MNIST(str(root), train=False, download=True)
+    except Exception as e:  # torchvision raises several types for network and checksum failures
+        raise FastVAEError(
+            f"mnist: download failed ({type(e).__name__}: {e}); without a network, get the four MNIST IDX "
+            "files (train-images-idx3-ubyte.gz, ...) and pass --data-dir DIR"
+        ) from e
+    return root / "MNIST" / "raw"
+
+
+def load_images(name: str, split: str, data_dir: str | Path | None = None) -> torch.Tensor:
+    """The images of one split as a uint8 tensor (N, 1, H, W). `split` is 'train' or 'test'."""
+    if name not in DATASETS:
+        raise FastVAEError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
+    if data_dir is not None:
+        directory = Path(data_dir)
+        if not directory.is_dir():
+            raise FastVAEError(f"--data-dir {directory} is not a folder")
+    elif name == "fashion-mnist":
+        directory = FASHION_MNIST_DIR
+    else:
+        directory = _mnist_download_dir()
+    stem = f"{_SPLIT_PREFIX[split]}-images-idx3-ubyte"
+    path = _find_idx(directory, stem)
+    if path is None:
+        raise FastVAEError(_missing_message(name, directory, stem))
+    images = read_idx(path)
+    if images.ndim != 3:
+        raise FastVAEError(f"{path}: expected images of shape (N, H, W), found {images.shape}")
+    return torch.from_numpy(images.copy()).unsqueeze(1)
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float32 in [0, 1], as torchvision's ToTensor gives them."""
+    return images.float().div_(255.0)
+
+
+def shuffled_batches(
+    images: torch.Tensor, batch_size: int, generator: torch.Generator
+) -> Iterator[torch.Tensor]:
+    """Float batches (batch_size, C, H, W) of one shuffled pass over `images` (on its device).
+
+    The last partial batch is dropped so every step has the same shape (one compiled graph); the
+    shuffle differs every epoch, so no image is left out for long.
+    """
+    order = torch.randperm(len(images), generator=generator).to(images.device)
+    for start in range(0, len(images) - batch_size + 1, batch_size):
+        yield to_float(images[order[start : start + batch_size]])
+
+
+def ordered_batches(images: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    """Float batches over `images` in order, the last one partial (for evaluation)."""
+    for start in range(0, len(images), batch_size):
+        yield to_float(images[start : start + batch_size])

@@ -1,0 +1,101 @@
+"""The fast VAE: the lab's function with a logits decoder, the fused reparameterize+KL op and cheaper layers.
+
+Parameter names and shapes equal `fastvae.reference.VAE`'s, so one state dict loads into either.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fastvae.config import ModelConfig
+from fastvae.kernels import reparameterize_kl
+
+
+def _conv_block(cin: int, cout: int, *, final: bool) -> nn.Sequential:
+    if final:
+        return nn.Sequential(nn.Conv2d(cin, cout, 4, 2))
+    return nn.Sequential(nn.Conv2d(cin, cout, 4, 2), nn.BatchNorm2d(cout), nn.LeakyReLU(0.2, inplace=True))
+
+
+def _deconv_block(cin: int, cout: int, kernel_size: int, stride: int, *, final: bool) -> nn.Sequential:
+    if final:
+        # No Sigmoid: the decoder returns logits, so the loss can use BCE-with-logits (autocast-safe).
+        return nn.Sequential(nn.ConvTranspose2d(cin, cout, kernel_size, stride))
+    return nn.Sequential(
+        nn.ConvTranspose2d(cin, cout, kernel_size, stride), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+    )
+
+
+class Encoder(nn.Module):
+    """Images (B, C, 28, 28) -> mean (B, Z), log_sigma (B, Z)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.z_dim = config.z_dim
+        hidden = config.encoder_hidden
+        self.disc = nn.Sequential(
+            _conv_block(config.im_chan, hidden, final=False),
+            _conv_block(hidden, hidden * 2, final=False),
+            _conv_block(hidden * 2, config.z_dim * 2, final=True),
+        )
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        encoding = self.disc(images).flatten(1)  # (B, 2Z); flatten keeps the batch dim dynamic at export
+        return encoding[:, : self.z_dim], encoding[:, self.z_dim :]
+
+
+class Decoder(nn.Module):
+    """Latents (B, Z) -> logits (B, C, 28, 28); images are sigmoid(logits)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.z_dim = config.z_dim
+        hidden = config.decoder_hidden
+        self.gen = nn.Sequential(
+            _deconv_block(config.z_dim, hidden * 4, 3, 2, final=False),
+            _deconv_block(hidden * 4, hidden * 2, 4, 1, final=False),
+            _deconv_block(hidden * 2, hidden, 3, 2, final=False),
+            _deconv_block(hidden, config.im_chan, 4, 2, final=True),
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        first = self.gen[0][0]
+        # A transposed conv on a 1x1 input is a matrix product: (B, Z) @ (Z, 256*3*3).
+        x = (z @ first.weight.flatten(1)).view(-1, *first.weight.shape[1:]) + first.bias.view(1, -1, 1, 1)
+        x = x.contiguous(memory_format=torch.channels_last)
+        x = self.gen[0][2](self.gen[0][1](x))
+        return self.gen[1:](x)
+
+
+class VAE(nn.Module):
+    """forward(images, eps) -> (logits, mean, log_sigma, kl): logits (B, C, 28, 28), mean and log_sigma
+    (B, Z), kl (B,) fp32. `eps` (B, Z) is the standard-normal draw; None draws it here."""
+
+    def __init__(self, config: ModelConfig = ModelConfig()) -> None:
+        super().__init__()
+        self.config = config
+        self.z_dim = config.z_dim
+        self.encode = Encoder(config)
+        self.decode = Decoder(config)
+
+    def reparameterize(
+        self, mean: torch.Tensor, log_sigma: torch.Tensor, eps: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if eps is None:
+            eps = torch.randn(mean.shape, device=mean.device)
+        return reparameterize_kl(mean, log_sigma, eps)
+
+    def forward(
+        self, images: torch.Tensor, eps: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        mean, log_sigma = self.encode(images.contiguous(memory_format=torch.channels_last))
+        z, kl = self.reparameterize(mean, log_sigma, eps)
+        return self.decode(z), mean, log_sigma, kl
+
+
+def vae_loss(logits: torch.Tensor, images: torch.Tensor, kl: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
+    """Negative ELBO summed over the batch: BCE-with-logits (sum) + beta * KL (sum), in fp32."""
+    reconstruction = F.binary_cross_entropy_with_logits(logits.float(), images.float(), reduction="sum")
+    return reconstruction + beta * kl.sum()

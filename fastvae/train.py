@@ -1,0 +1,235 @@
+"""The training step and loop: compile, AMP, per-epoch checkpoints, exact resume.
+
+Randomness is derived from (--seed, epoch, purpose), so an epoch's shuffle and eps draws do not depend on
+what ran before it: resuming at an epoch boundary reproduces an uninterrupted run bit for bit.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from fastvae import reference
+from fastvae.checkpoint import load_into, load_optimizer_state, load_record, load_weights, save_checkpoint
+from fastvae.config import ModelConfig, TrainConfig
+from fastvae.data import load_images, shuffled_batches, to_float
+from fastvae.errors import FastVAEError
+from fastvae.evaluate import negative_elbo
+from fastvae.files import ensure_writable_dir, save_grid
+from fastvae.model import VAE, vae_loss
+
+_SHUFFLE, _EPS, _EVAL, _SAMPLES = range(4)
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def derived_seed(seed: int, *keys: int) -> int:
+    """A 63-bit seed for one purpose, independent of every other (seed, keys) pair."""
+    return int(np.random.SeedSequence([seed, *keys]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def generator(seed: int, *keys: int, device: torch.device | str = "cpu") -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(derived_seed(seed, *keys))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise FastVAEError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu or auto")
+    if name not in ("cpu", "cuda"):
+        raise FastVAEError(f"--device must be auto, cpu or cuda, got {name!r}")
+    return torch.device(name)
+
+
+def amp_dtype(device: torch.device, enabled: bool, log: Callable[[str], None]) -> torch.dtype | None:
+    """bf16 where the device supports it, fp16 (with a gradient scaler) on older GPUs, None without --amp."""
+    if not enabled:
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        log("note: this CPU has no native bf16; --amp works but will be slower than fp32")
+    return torch.bfloat16
+
+
+def build_model(kind: str, config: ModelConfig) -> torch.nn.Module:
+    return VAE(config) if kind == "fast" else reference.VAE(config)
+
+
+def make_loss_fn(model: torch.nn.Module, kind: str, beta: float, dtype: torch.dtype | None) -> LossFn:
+    """loss(images (B, C, H, W) float, eps (B, Z)) -> the batch's summed negative ELBO (fp32 scalar)."""
+    device_type = next(model.parameters()).device.type
+
+    def fast_loss(images: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            logits, _, _, kl = model(images, eps)
+        return vae_loss(logits, images, kl, beta)
+
+    def reference_loss(images: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        recon, q_dist = model(images, eps)
+        return reference.loss(recon, images, q_dist, beta)
+
+    if kind == "reference" and dtype is not None:
+        raise FastVAEError("--amp needs --model fast: the lab's Sigmoid + BCELoss is unsafe under autocast")
+    return fast_loss if kind == "fast" else reference_loss
+
+
+class Trainer:
+    """Owns the model, its compiled twin, the optimizer and the data of one run."""
+
+    def __init__(self, config: TrainConfig, model_config: ModelConfig, out_dir: Path,
+                 log: Callable[[str], None] = print, progress: bool = True) -> None:
+        self.config, self.model_config, self.out_dir, self.log = config, model_config, out_dir, log
+        self.progress = progress
+        self.device = resolve_device(config.device)
+        self.dtype = amp_dtype(self.device, config.amp, log)
+        train_images = load_images(config.data, "train", config.data_dir)
+        self.test_images = load_images(config.data, "test", config.data_dir).to(self.device)
+        if config.limit_train is not None:
+            train_images = train_images[: config.limit_train]
+        if config.batch_size > len(train_images):
+            raise FastVAEError(
+                f"--batch-size {config.batch_size} is larger than the training set ({len(train_images)} "
+                "images): lower --batch-size or raise --limit-train"
+            )
+        shape = tuple(train_images.shape[1:])
+        expected = (model_config.im_chan, model_config.image_size, model_config.image_size)
+        if shape != expected:
+            raise FastVAEError(f"{config.data} images are {shape}, the model expects {expected}")
+        self.train_images = train_images.to(self.device)
+
+        torch.manual_seed(derived_seed(config.seed))
+        self.model = build_model(config.model, model_config).to(self.device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype is torch.float16)
+        loss_fn = make_loss_fn(self.model, config.model, config.beta, self.dtype)
+        # Keep the plain model for checkpoints; only the step function is compiled.
+        self.loss_fn = torch.compile(loss_fn, fullgraph=True) if config.compile else loss_fn
+        self.record: dict[str, Any] = {
+            "model_config": asdict(model_config), "train_config": asdict(config),
+            "device": str(self.device), "amp_dtype": str(self.dtype).replace("torch.", "") if self.dtype
+            else None, "epochs_done": 0, "epochs": [],
+        }
+
+    def resume(self) -> None:
+        record = load_record(self.out_dir)
+        config, state, epoch = load_weights(self.out_dir)
+        if config != self.model_config:
+            raise FastVAEError(
+                f"the checkpoint in {self.out_dir} has model {asdict(config)}, these options ask for "
+                f"{asdict(self.model_config)}: drop the conflicting option (e.g. --z-dim) or use a new --out"
+            )
+        if record.get("epochs_done") != epoch:
+            raise FastVAEError(f"{self.out_dir}: run.json and the weights disagree on the epoch; start anew")
+        load_into(self.model, state, self.out_dir)
+        saved = load_optimizer_state(self.out_dir, epoch)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scaler.load_state_dict(saved["scaler"])
+        self.record["epochs_done"] = epoch
+        self.record["epochs"] = record.get("epochs", [])
+        self.log(f"resuming {self.out_dir} after epoch {epoch}")
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        """One pass over the training set; `epoch` counts from 1."""
+        config, model = self.config, self.model
+        model.train()
+        steps = len(self.train_images) // config.batch_size
+        shuffle = generator(config.seed, epoch, _SHUFFLE)
+        eps_gen = generator(config.seed, epoch, _EPS, device=self.device)
+        bar = tqdm(total=steps, desc=f"epoch {epoch}/{config.epochs}", unit="step",
+                   disable=not self.progress, leave=False)
+        loss_sum, first_step_s, start = 0.0, None, time.perf_counter()
+        for step, images in enumerate(shuffled_batches(self.train_images, config.batch_size, shuffle), 1):
+            eps = torch.randn((len(images), self.model_config.z_dim), generator=eps_gen, device=self.device)
+            loss = self.loss_fn(images, eps)
+            value = loss.item()
+            if not np.isfinite(value):
+                bar.close()
+                raise FastVAEError(
+                    f"loss became {value} at epoch {epoch}, step {step}: training stopped; the checkpoint of "
+                    f"epoch {epoch - 1} in {self.out_dir} is intact (try a lower --lr, or drop --amp)"
+                )
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss_sum += value
+            if first_step_s is None:
+                first_step_s = time.perf_counter() - start
+                steady_start, steady_images = time.perf_counter(), 0
+            else:
+                steady_images += len(images)
+            elapsed = time.perf_counter() - steady_start
+            bar.set_postfix(loss=f"{loss_sum / (step * config.batch_size):.2f}",
+                            img_s=f"{steady_images / elapsed:.0f}" if elapsed > 0 else "-")
+            bar.update()
+        bar.close()
+        seconds = time.perf_counter() - start
+        steady = time.perf_counter() - steady_start
+        return {
+            "train_loss": loss_sum / (steps * config.batch_size),
+            "images_per_s": steady_images / steady if steps > 1 else config.batch_size / seconds,
+            "first_step_s": first_step_s,
+            "seconds": seconds,
+        }
+
+    def fast_model(self) -> VAE:
+        """The fast model holding the current weights (the reference's state dict loads into it)."""
+        if isinstance(self.model, VAE):
+            return self.model
+        twin = VAE(self.model_config).to(self.device)
+        twin.load_state_dict(self.model.state_dict())
+        return twin
+
+    def save(self) -> None:
+        optimizer_state = {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
+        save_checkpoint(self.out_dir, self.model, self.model_config, self.record, optimizer_state)
+        model = self.fast_model().eval()
+        with torch.no_grad():
+            true = to_float(self.test_images[:16])
+            recon = torch.sigmoid(model(true, torch.zeros(16, self.model_config.z_dim, device=self.device))[0])
+            save_grid(self.out_dir / "recon.png", torch.cat([true, recon]), nrow=16)
+            z = torch.randn((64, self.model_config.z_dim), generator=generator(
+                self.config.seed, 0, _SAMPLES, device=self.device), device=self.device)
+            save_grid(self.out_dir / "samples.png", torch.sigmoid(model.decode(z)), nrow=8)
+
+    def fit(self) -> dict[str, Any]:
+        config = self.config
+        start_epoch = self.record["epochs_done"] + 1
+        if start_epoch > config.epochs:
+            self.log(f"{self.out_dir} already holds {start_epoch - 1} epochs; pass a larger --epochs to go on")
+            return self.record
+        for epoch in range(start_epoch, config.epochs + 1):
+            metrics = self.train_epoch(epoch)
+            metrics["test_neg_elbo"] = negative_elbo(
+                self.fast_model(), self.test_images, generator(config.seed, 0, _EVAL, device=self.device)
+            )
+            self.record["epochs"].append({"epoch": epoch, **metrics})
+            self.record["epochs_done"] = epoch
+            self.save()
+            first = f", first step {metrics['first_step_s']:.1f} s" + (" incl. compile" if config.compile else "")
+            self.log(
+                f"epoch {epoch}/{config.epochs}: train loss {metrics['train_loss']:.2f}, test -ELBO "
+                f"{metrics['test_neg_elbo']:.2f} nats/image, {metrics['images_per_s']:.0f} images/s{first}"
+            )
+        return self.record
+
+
+def train(config: TrainConfig, model_config: ModelConfig, out: str | Path, resume: bool = False,
+          log: Callable[[str], None] = print, progress: bool = True) -> dict[str, Any]:
+    """Train (or resume) a run in folder `out`; returns the run record (also in out/run.json)."""
+    out_dir = ensure_writable_dir(out)
+    if not resume and (out_dir / "run.json").exists():
+        raise FastVAEError(f"{out_dir} already holds a run: pass --resume to continue it, or choose another --out")
+    trainer = Trainer(config, model_config, out_dir, log, progress)
+    if resume:
+        trainer.resume()
+    return trainer.fit()
