@@ -1,0 +1,123 @@
+"""Training end to end on tiny data: outputs, exact resume, non-finite loss, evaluation bounds."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from torch.distributions import Normal
+
+from fastvae import train as train_module
+from fastvae.checkpoint import load_weights
+from fastvae.cli import main
+from fastvae.config import ModelConfig
+from fastvae.data import load_images
+from fastvae.evaluate import importance_weighted_bound, negative_elbo
+from fastvae.model import VAE
+
+
+def _train(data_dir: Path, out: Path, *extra: str) -> int:
+    return main(["train", "--data-dir", str(data_dir), "--batch-size", "32", "--limit-train", "128",
+                 "--out", str(out), "--no-progress", *extra])
+
+
+def test_train_writes_checkpoint_metrics_and_images(tiny_data_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert _train(tiny_data_dir, out, "--epochs", "2", "--z-dim", "8") == 0
+    record = json.loads((out / "run.json").read_text())
+    assert record["epochs_done"] == 2 and [e["epoch"] for e in record["epochs"]] == [1, 2]
+    assert record["model_config"]["z_dim"] == 8
+    assert all(e["test_neg_elbo"] > 0 and e["images_per_s"] > 0 for e in record["epochs"])
+    config, state, epoch = load_weights(out)
+    assert config.z_dim == 8 and epoch == 2 and "decode.gen.3.0.weight" in state
+    assert Image.open(out / "recon.png").size == (16 * 30 + 2, 2 * 30 + 2)
+    assert Image.open(out / "samples.png").size == (8 * 30 + 2, 8 * 30 + 2)
+    assert not list(out.glob(".*.tmp")), "temp files left behind"
+
+
+def test_resume_continues_exactly(tiny_data_dir: Path, tmp_path: Path) -> None:
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert _train(tiny_data_dir, straight, "--epochs", "4", "--seed", "3") == 0
+    assert _train(tiny_data_dir, resumed, "--epochs", "2", "--seed", "3") == 0
+    assert main(["train", "--resume", "--epochs", "4", "--out", str(resumed), "--data-dir", str(tiny_data_dir),
+                 "--no-progress"]) == 0
+    a, b = load_weights(straight)[1], load_weights(resumed)[1]
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    losses = [json.loads((d / "run.json").read_text())["epochs"] for d in (straight, resumed)]
+    assert [e["train_loss"] for e in losses[0]] == [e["train_loss"] for e in losses[1]]
+
+
+def test_seed_changes_the_run(tiny_data_dir: Path, tmp_path: Path) -> None:
+    for seed in ("1", "2"):
+        assert _train(tiny_data_dir, tmp_path / seed, "--epochs", "1", "--seed", seed) == 0
+    a, b = (load_weights(tmp_path / s)[1]["decode.gen.3.0.weight"] for s in ("1", "2"))
+    assert not torch.equal(a, b)
+
+
+def test_reference_model_trains_and_loads_into_fast(tiny_data_dir: Path, tmp_path: Path) -> None:
+    assert _train(tiny_data_dir, tmp_path / "ref", "--epochs", "1", "--model", "reference") == 0
+    config, state, _ = load_weights(tmp_path / "ref")
+    VAE(config).load_state_dict(state)
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(
+    tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    assert _train(tiny_data_dir, out, "--epochs", "1") == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real = train_module.make_loss_fn
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        loss_fn = real(*args, **kwargs)
+
+        def loss(images: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+            calls["n"] += 1
+            value = loss_fn(images, eps)
+            return value * float("nan") if calls["n"] == 3 else value
+
+        return loss
+
+    monkeypatch.setattr(train_module, "make_loss_fn", poisoned)
+    assert main(["train", "--resume", "--epochs", "3", "--out", str(out), "--data-dir", str(tiny_data_dir),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "epoch 2, step 3" in err[0] and "epoch 1" in err[0]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_bounds_order_and_finiteness(tiny_data_dir: Path) -> None:
+    model = VAE(ModelConfig(z_dim=4))
+    images = load_images("mnist", "test", tiny_data_dir)[:6]
+    elbo = negative_elbo(model, images, torch.Generator().manual_seed(0), batch_size=4)
+    iwae_1 = importance_weighted_bound(model, images, 1, torch.Generator().manual_seed(0))
+    iwae_64 = importance_weighted_bound(model, images, 64, torch.Generator().manual_seed(0), max_batch=50)
+    assert 0 < iwae_64 <= iwae_1 + 1.0 and abs(iwae_1 - elbo) < 0.05 * elbo
+    assert model.training, "evaluation must restore the training mode"
+
+
+def test_iwae_matches_a_direct_computation(tiny_data_dir: Path) -> None:
+    """One image per chunk and all k samples at once: eps for image i is the i-th (k, 1, Z) draw."""
+    k, z_dim = 10, 4
+    model = VAE(ModelConfig(z_dim=z_dim)).eval()
+    images = load_images("mnist", "test", tiny_data_dir)[:3]
+    bound = importance_weighted_bound(model, images, k, torch.Generator().manual_seed(5), max_batch=k)
+    draws = torch.Generator().manual_seed(5)
+    expected = []
+    with torch.no_grad():
+        for x in images.float() / 255:
+            eps = torch.randn((k, 1, z_dim), generator=draws)[:, 0]
+            mean, log_sigma = model.encode(x[None])
+            q = Normal(mean, log_sigma.exp())
+            z = mean + log_sigma.exp() * eps
+            recon = torch.sigmoid(model.decode(z))
+            log_px = -torch.nn.functional.binary_cross_entropy(recon, x.expand_as(recon), reduction="none")
+            log_w = log_px.flatten(1).sum(1) + Normal(0.0, 1.0).log_prob(z).sum(1) - q.log_prob(z).sum(1)
+            expected.append(-(torch.logsumexp(log_w, 0) - math.log(k)))
+    assert bound == pytest.approx(torch.stack(expected).mean().item(), rel=1e-5)
