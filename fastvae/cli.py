@@ -1,4 +1,7 @@
-"""Command line: `fastvae train`, `fastvae eval`. Errors in the user's input print one line and exit 2."""
+"""Command line: `fastvae train`, `eval`, `export` (ONNX), and `sample`, `reconstruct` (from an ONNX file alone).
+
+Errors in the user's input print one line and exit 2.
+"""
 
 from __future__ import annotations
 
@@ -39,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--amp", action="store_true", default=None, help="mixed precision (bf16, or fp16)")
     train.add_argument("--model", choices=["fast", "reference"], help="fast (default) or the lab's own code")
     train.add_argument("--limit-train", type=_positive_int, help="train on the first N images only")
+    train.add_argument("--kernel", choices=["auto", "triton", "torch"],
+                       help="reparameterize+KL: the Triton kernel or PyTorch (default auto: Triton on CUDA)")
     train.add_argument("--out", default="runs/fastvae", help="run folder (default runs/fastvae)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -51,6 +56,32 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=_positive_int, help="evaluate the first N test images only")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+
+    ex = sub.add_parser("export", help="export the decoder, encoder or whole VAE to ONNX, verified against PyTorch")
+    ex.add_argument("model", help="the ONNX file to write, e.g. model.onnx")
+    ex.add_argument("--checkpoint", required=True, help="a run folder (or its model.safetensors)")
+    ex.add_argument("--part", choices=["decoder", "encoder", "vae"], default="decoder",
+                    help="decoder: z -> images (default); encoder: images -> mean, log_sigma; "
+                         "vae: images, eps -> reconstruction, mean, log_sigma")
+    ex.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's recommended one)")
+    ex.add_argument("--fp16", action="store_true", help="float16 weights and arithmetic; inputs, outputs float32")
+    ex.add_argument("--no-verify", action="store_true", help="skip the onnxruntime-vs-PyTorch check")
+
+    sa = sub.add_parser("sample", help="decode random latents with an exported decoder; writes a PNG grid")
+    sa.add_argument("model", help="an ONNX file from `fastvae export --part decoder`")
+    sa.add_argument("--n", type=_positive_int, default=64, help="images (default 64)")
+    sa.add_argument("--out", default="samples.png", help="PNG to write (default samples.png)")
+    sa.add_argument("--seed", type=int, help="seed of the latents (default: fresh randomness)")
+    sa.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+
+    rc = sub.add_parser("reconstruct", help="reconstruct test images with an exported VAE; writes a PNG grid")
+    rc.add_argument("model", help="an ONNX file from `fastvae export --part vae`")
+    rc.add_argument("--data", choices=["fashion-mnist", "mnist"], default="fashion-mnist")
+    rc.add_argument("--data-dir")
+    rc.add_argument("--n", type=_positive_int, default=16, help="first N test images (default 16)")
+    rc.add_argument("--out", default="recon.png", help="PNG to write: originals above reconstructions")
+    rc.add_argument("--seed", type=int, help="seed of the posterior noise eps (default: fresh randomness)")
+    rc.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     return parser
 
 
@@ -112,10 +143,59 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from fastvae.export.onnx import export_onnx
+
+    export_onnx(args.model, args.checkpoint, args.part, opset=args.opset, fp16=args.fp16, verify=not args.no_verify)
+    return 0
+
+
+def _save_png(path: str, images, nrow: int) -> None:
+    from fastvae.files import save_png
+
+    try:
+        save_png(path, images, nrow)
+    except OSError as e:
+        raise FastVAEError(f"cannot write {path}: {e.strerror}; choose another --out") from e
+
+
+def _sample(args: argparse.Namespace) -> int:
+    import math
+
+    from fastvae.runtime import OnnxVAE
+
+    try:  # the runtime speaks ValueError to other apps; here it becomes the CLI's one-line error
+        vae = OnnxVAE(args.model, args.device)
+        images = vae.sample(args.n, seed=args.seed)
+    except ValueError as e:
+        raise FastVAEError(str(e)) from e
+    _save_png(args.out, images, nrow=math.ceil(math.sqrt(args.n)))
+    print(f"wrote {args.out}: {args.n} samples from {args.model} ({vae.provider})")
+    return 0
+
+
+def _reconstruct(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from fastvae.data import load_images
+    from fastvae.runtime import OnnxVAE
+
+    try:
+        vae = OnnxVAE(args.model, args.device)
+        images = load_images(args.data, "test", args.data_dir)[: args.n].numpy().astype(np.float32) / 255
+        recon = vae.reconstruct(images, seed=args.seed)
+    except ValueError as e:
+        raise FastVAEError(str(e)) from e
+    _save_png(args.out, np.concatenate([images, recon]), nrow=len(images))
+    print(f"wrote {args.out}: {len(images)} {args.data} test images above their reconstructions ({vae.provider})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"train": _train, "eval": _eval}[args.command](args)
+        commands = {"train": _train, "eval": _eval, "export": _export, "sample": _sample, "reconstruct": _reconstruct}
+        return commands[args.command](args)
     except FastVAEError as e:
         print(f"fastvae {args.command}: error: {e}", file=sys.stderr)
         return 2

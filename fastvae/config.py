@@ -45,6 +45,7 @@ class TrainConfig:
     amp: bool = False
     model: str = "fast"
     limit_train: int | None = None
+    kernel: str = "auto"
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -59,3 +60,5 @@ class TrainConfig:
             raise FastVAEError(f"--limit-train must be at least 1, got {self.limit_train}")
         if self.model not in ("fast", "reference"):
             raise FastVAEError(f"--model must be 'fast' or 'reference', got {self.model!r}")
+        if self.kernel not in ("auto", "triton", "torch"):
+            raise FastVAEError(f"--kernel must be auto, triton or torch, got {self.kernel!r}")

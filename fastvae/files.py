@@ -1,4 +1,4 @@
-"""Atomic file writes (temp file + rename) and image grids, so a crash never leaves a half-written file."""
+"""Atomic file writes (temp file + rename) and PNG image grids; torch-free, so the ONNX runtime can use it."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-import torch
+import numpy as np
 
 from fastvae.errors import FastVAEError
 
@@ -47,12 +47,23 @@ def ensure_writable_dir(path: str | Path) -> Path:
     return path
 
 
-def save_grid(path: str | Path, images: torch.Tensor, nrow: int) -> None:
-    """Save images (N, C, H, W) in [0, 1] as one PNG grid of `nrow` images per row."""
-    from PIL import Image
-    from torchvision.utils import make_grid
+def image_grid(images: np.ndarray, nrow: int, padding: int = 2) -> np.ndarray:
+    """Images (N, C, H, W) in [0, 1] -> one uint8 picture, (H', W') for C = 1 else (H', W', C), `nrow` images
+    per row with white padding, laid out as torchvision's make_grid does."""
+    n, channels, height, width = images.shape
+    cols, rows = min(nrow, n), -(-n // nrow)
+    grid = np.ones((channels, rows * (height + padding) + padding, cols * (width + padding) + padding), np.float32)
+    for i, image in enumerate(images):
+        row, col = divmod(i, nrow)
+        top, left = padding + row * (height + padding), padding + col * (width + padding)
+        grid[:, top : top + height, left : left + width] = image
+    pixels = np.round(np.clip(grid, 0, 1) * 255).astype(np.uint8)
+    return pixels[0] if channels == 1 else pixels.transpose(1, 2, 0)
 
-    grid = make_grid(images.detach().float().cpu().clamp(0, 1), nrow=nrow, padding=2, pad_value=1.0)
-    pixels = grid.mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    picture = Image.fromarray(pixels)  # make_grid gives 3 channels, also for 1-channel images
+
+def save_png(path: str | Path, images: np.ndarray, nrow: int) -> None:
+    """Save images (N, C, H, W) float in [0, 1] as one PNG grid of `nrow` images per row, atomically."""
+    from PIL import Image
+
+    picture = Image.fromarray(image_grid(images, nrow))
     atomic_write(path, lambda f: picture.save(f, format="PNG"))

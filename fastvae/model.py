@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastvae.config import ModelConfig
-from fastvae.kernels import reparameterize_kl
+from fastvae.kernels import reparameterize_kl, reparameterize_kl_sampled
 
 
 def _conv_block(cin: int, cout: int, *, final: bool) -> nn.Sequential:
@@ -71,7 +71,8 @@ class Decoder(nn.Module):
 
 class VAE(nn.Module):
     """forward(images, eps) -> (logits, mean, log_sigma, kl): logits (B, C, 28, 28), mean and log_sigma
-    (B, Z), kl (B,) fp32. `eps` (B, Z) is the standard-normal draw; None draws it here."""
+    (B, Z), kl (B,) fp32. `eps` (B, Z) is the standard-normal draw; None draws it here, or, given
+    `seed_offset` (int64 [seed, offset]), the fused op draws it (in the Triton kernel on CUDA)."""
 
     def __init__(self, config: ModelConfig = ModelConfig()) -> None:
         super().__init__()
@@ -81,17 +82,20 @@ class VAE(nn.Module):
         self.decode = Decoder(config)
 
     def reparameterize(
-        self, mean: torch.Tensor, log_sigma: torch.Tensor, eps: torch.Tensor | None = None
+        self, mean: torch.Tensor, log_sigma: torch.Tensor, eps: torch.Tensor | None = None,
+        seed_offset: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if seed_offset is not None:
+            return reparameterize_kl_sampled(mean, log_sigma, seed_offset)
         if eps is None:
             eps = torch.randn(mean.shape, device=mean.device)
         return reparameterize_kl(mean, log_sigma, eps)
 
     def forward(
-        self, images: torch.Tensor, eps: torch.Tensor | None = None
+        self, images: torch.Tensor, eps: torch.Tensor | None = None, seed_offset: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         mean, log_sigma = self.encode(images.contiguous(memory_format=torch.channels_last))
-        z, kl = self.reparameterize(mean, log_sigma, eps)
+        z, kl = self.reparameterize(mean, log_sigma, eps, seed_offset)
         return self.decode(z), mean, log_sigma, kl
 
 

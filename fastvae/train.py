@@ -22,7 +22,8 @@ from fastvae.config import ModelConfig, TrainConfig
 from fastvae.data import load_images, shuffled_batches, to_float
 from fastvae.errors import FastVAEError
 from fastvae.evaluate import negative_elbo
-from fastvae.files import ensure_writable_dir, save_grid
+from fastvae.files import ensure_writable_dir, save_png
+from fastvae.kernels import resolve_kernel
 from fastvae.model import VAE, vae_loss
 
 _SHUFFLE, _EPS, _EVAL, _SAMPLES = range(4)
@@ -60,17 +61,33 @@ def amp_dtype(device: torch.device, enabled: bool, log: Callable[[str], None]) -
     return torch.bfloat16
 
 
+def resolve_train_kernel(config: TrainConfig, device: torch.device) -> tuple[str, str]:
+    """The run's reparameterize+KL implementation ('triton' or 'torch') and why, for the log and run.json."""
+    if config.model == "reference":
+        if config.kernel == "triton":
+            raise FastVAEError("--kernel triton needs --model fast: the lab's model samples with torch.distributions")
+        return "torch", "the reference model samples with torch.distributions"
+    try:
+        return resolve_kernel(config.kernel, device)
+    except ValueError as e:
+        raise FastVAEError(f"--kernel {config.kernel}: {e}") from e
+
+
 def build_model(kind: str, config: ModelConfig) -> torch.nn.Module:
     return VAE(config) if kind == "fast" else reference.VAE(config)
 
 
-def make_loss_fn(model: torch.nn.Module, kind: str, beta: float, dtype: torch.dtype | None) -> LossFn:
-    """loss(images (B, C, H, W) float, eps (B, Z)) -> the batch's summed negative ELBO (fp32 scalar)."""
+def make_loss_fn(model: torch.nn.Module, kind: str, beta: float, dtype: torch.dtype | None,
+                 sampled: bool = False) -> LossFn:
+    """loss(images (B, C, H, W) float, eps (B, Z)) -> the batch's summed negative ELBO (fp32 scalar).
+
+    With `sampled`, the second argument is instead the int64 [seed, offset] the fused op draws eps from.
+    """
     device_type = next(model.parameters()).device.type
 
     def fast_loss(images: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            logits, _, _, kl = model(images, eps)
+            logits, _, _, kl = model(images, seed_offset=eps) if sampled else model(images, eps)
         return vae_loss(logits, images, kl, beta)
 
     def reference_loss(images: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -82,6 +99,19 @@ def make_loss_fn(model: torch.nn.Module, kind: str, beta: float, dtype: torch.dt
     return fast_loss if kind == "fast" else reference_loss
 
 
+def train_step(loss_fn: LossFn, images: torch.Tensor, eps: torch.Tensor, optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler) -> float:
+    """One step: loss, backward, optimizer update. Returns the batch's loss; a non-finite one changes nothing."""
+    loss = loss_fn(images, eps)
+    value = loss.item()
+    if np.isfinite(value):
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+    return value
+
+
 class Trainer:
     """Owns the model, its compiled twin, the optimizer and the data of one run."""
 
@@ -90,6 +120,8 @@ class Trainer:
         self.config, self.model_config, self.out_dir, self.log = config, model_config, out_dir, log
         self.progress = progress
         self.device = resolve_device(config.device)
+        self.kernel, kernel_reason = resolve_train_kernel(config, self.device)
+        log(f"kernel: {self.kernel} ({kernel_reason})")
         self.dtype = amp_dtype(self.device, config.amp, log)
         train_images = load_images(config.data, "train", config.data_dir)
         self.test_images = load_images(config.data, "test", config.data_dir).to(self.device)
@@ -110,13 +142,13 @@ class Trainer:
         self.model = build_model(config.model, model_config).to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype is torch.float16)
-        loss_fn = make_loss_fn(self.model, config.model, config.beta, self.dtype)
+        loss_fn = make_loss_fn(self.model, config.model, config.beta, self.dtype, sampled=self.kernel == "triton")
         # Keep the plain model for checkpoints; only the step function is compiled.
         self.loss_fn = torch.compile(loss_fn, fullgraph=True) if config.compile else loss_fn
         self.record: dict[str, Any] = {
             "model_config": asdict(model_config), "train_config": asdict(config),
             "device": str(self.device), "amp_dtype": str(self.dtype).replace("torch.", "") if self.dtype
-            else None, "epochs_done": 0, "epochs": [],
+            else None, "kernel": self.kernel, "kernel_reason": kernel_reason, "epochs_done": 0, "epochs": [],
         }
 
     def resume(self) -> None:
@@ -144,23 +176,25 @@ class Trainer:
         steps = len(self.train_images) // config.batch_size
         shuffle = generator(config.seed, epoch, _SHUFFLE)
         eps_gen = generator(config.seed, epoch, _EPS, device=self.device)
+        eps_seed = derived_seed(config.seed, epoch, _EPS)
         bar = tqdm(total=steps, desc=f"epoch {epoch}/{config.epochs}", unit="step",
                    disable=not self.progress, leave=False)
         loss_sum, first_step_s, start = 0.0, None, time.perf_counter()
         for step, images in enumerate(shuffled_batches(self.train_images, config.batch_size, shuffle), 1):
-            eps = torch.randn((len(images), self.model_config.z_dim), generator=eps_gen, device=self.device)
-            loss = self.loss_fn(images, eps)
-            value = loss.item()
+            if self.kernel == "triton":
+                # The kernel draws eps from Philox counters offset + row * Z + col: an offset of B * Z per
+                # step gives every step and row of the epoch its own counters (see kernels/reparameterize_kl).
+                offset = (step - 1) * config.batch_size * self.model_config.z_dim
+                eps = torch.tensor([eps_seed, offset], device=self.device)
+            else:
+                eps = torch.randn((len(images), self.model_config.z_dim), generator=eps_gen, device=self.device)
+            value = train_step(self.loss_fn, images, eps, self.optimizer, self.scaler)
             if not np.isfinite(value):
                 bar.close()
                 raise FastVAEError(
                     f"loss became {value} at epoch {epoch}, step {step}: training stopped; the checkpoint of "
                     f"epoch {epoch - 1} in {self.out_dir} is intact (try a lower --lr, or drop --amp)"
                 )
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.optimizer.zero_grad(set_to_none=True)
             loss_sum += value
             if first_step_s is None:
                 first_step_s = time.perf_counter() - start
@@ -196,10 +230,10 @@ class Trainer:
         with torch.no_grad():
             true = to_float(self.test_images[:16])
             recon = torch.sigmoid(model(true, torch.zeros(16, self.model_config.z_dim, device=self.device))[0])
-            save_grid(self.out_dir / "recon.png", torch.cat([true, recon]), nrow=16)
+            save_png(self.out_dir / "recon.png", torch.cat([true, recon]).cpu().numpy(), nrow=16)
             z = torch.randn((64, self.model_config.z_dim), generator=generator(
                 self.config.seed, 0, _SAMPLES, device=self.device), device=self.device)
-            save_grid(self.out_dir / "samples.png", torch.sigmoid(model.decode(z)), nrow=8)
+            save_png(self.out_dir / "samples.png", torch.sigmoid(model.decode(z)).cpu().numpy(), nrow=8)
 
     def fit(self) -> dict[str, Any]:
         config = self.config

@@ -1,12 +1,276 @@
 """Reparameterize + KL to N(0, I) in one op: z = mean + exp(log_sigma) * eps, and KL per row.
 
-The PyTorch formula here is the implementation on every device for now, and the twin a Triton kernel
-must match.
+Random numbers. `seed_offset` is an int64 tensor [seed, offset] on the op's device; the Triton kernels draw
+eps[row, col] = tl.randn(seed, offset + row * Z + col) (Philox, keyed by seed, counter = offset + element
+index), and the backward kernel regenerates the same eps from the same pair, so eps is never written to
+memory. The trainer sets seed = derived_seed(--seed, epoch, EPS) and offset = 0 at each epoch's start and
+adds B * Z after every step: every (epoch, step, row, col) gets its own Philox counter, a run is reproducible
+from --seed, and an epoch does not depend on the ones before it (exact resume). The pair lives in a tensor,
+not in Python ints, so a new step does not recompile a compiled graph. The CPU implementation draws eps from a
+torch.Generator seeded from (seed, offset): deterministic, but not Triton's numbers.
 """
 
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+# Elements one program handles: BLOCK_B rows x BLOCK_Z columns, 4 per thread with 8 warps.
+# NOTE: sm_90 AOT build: 8 warps need 64-78 registers a thread, 4 warps 90-159 (Philox and Box-Muller for 8
+# elements a thread): 8 warps keep occupancy up on this memory-bound op. tests/test_kernel_aot.py prints them.
+_TILE = 1024
+NUM_WARPS = 8
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@triton.jit
+def _reparameterize_kl_forward_kernel(
+    mean_ptr,  # (B, Z), rows stride_mean apart, columns contiguous; fp32, bf16 or fp16
+    log_sigma_ptr,  # (B, Z), rows stride_log_sigma apart, columns contiguous; mean's dtype
+    eps_ptr,  # (B, Z) fp32 contiguous; read only when EPS_IN_MEMORY
+    seed_offset_ptr,  # (2,) int64 [seed, offset]; read only when not EPS_IN_MEMORY
+    z_ptr,  # (B, Z) contiguous, mean's dtype: output
+    kl_ptr,  # (B,) fp32: output
+    B,
+    Z,
+    stride_mean,
+    stride_log_sigma,
+    BLOCK_B: tl.constexpr,
+    BLOCK_Z: tl.constexpr,
+    EPS_IN_MEMORY: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)  # int64: B * Z may pass 2**31
+    row_mask = rows < B
+    if not EPS_IN_MEMORY:
+        seed = tl.load(seed_offset_ptr)
+        offset = tl.load(seed_offset_ptr + 1)
+    kl = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    for start in range(0, Z, BLOCK_Z):
+        cols = start + tl.arange(0, BLOCK_Z)
+        mask = row_mask[:, None] & (cols < Z)[None, :]
+        # Masked lanes load mean = log_sigma = 0, whose KL term 1/2 (1 + 0 - 1) - 0 is 0: no tl.where needed.
+        mean = tl.load(mean_ptr + rows[:, None] * stride_mean + cols[None, :], mask=mask, other=0.0)
+        log_sigma = tl.load(log_sigma_ptr + rows[:, None] * stride_log_sigma + cols[None, :], mask=mask, other=0.0)
+        mean = mean.to(tl.float32)
+        log_sigma = log_sigma.to(tl.float32)
+        index = rows[:, None] * Z + cols[None, :]  # (BLOCK_B, BLOCK_Z) int64
+        if EPS_IN_MEMORY:
+            eps = tl.load(eps_ptr + index, mask=mask, other=0.0)
+        else:
+            eps = tl.randn(seed, offset + index)
+        sigma = tl.exp(log_sigma)
+        tl.store(z_ptr + index, (mean + sigma * eps).to(z_ptr.dtype.element_ty), mask=mask)
+        kl += tl.sum(0.5 * (sigma * sigma + mean * mean - 1.0) - log_sigma, axis=1)
+    tl.store(kl_ptr + rows, kl, mask=row_mask)
+
+
+@triton.jit
+def _reparameterize_kl_backward_kernel(
+    dz_ptr,  # (B, Z) contiguous, mean's dtype: gradient of z
+    dkl_ptr,  # (B,) fp32 contiguous: gradient of KL
+    mean_ptr,  # (B, Z), rows stride_mean apart, columns contiguous
+    log_sigma_ptr,  # (B, Z), rows stride_log_sigma apart, columns contiguous
+    eps_ptr,  # (B, Z) fp32 contiguous; read only when EPS_IN_MEMORY
+    seed_offset_ptr,  # (2,) int64 [seed, offset], the forward's; read only when not EPS_IN_MEMORY
+    dmean_ptr,  # (B, Z) contiguous, mean's dtype: output
+    dlog_sigma_ptr,  # (B, Z) contiguous, mean's dtype: output
+    B,
+    Z,
+    stride_mean,
+    stride_log_sigma,
+    BLOCK_B: tl.constexpr,
+    BLOCK_Z: tl.constexpr,
+    EPS_IN_MEMORY: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_mask = rows < B
+    if not EPS_IN_MEMORY:
+        seed = tl.load(seed_offset_ptr)
+        offset = tl.load(seed_offset_ptr + 1)
+    dkl = tl.load(dkl_ptr + rows, mask=row_mask, other=0.0)[:, None]  # (BLOCK_B, 1)
+    for start in range(0, Z, BLOCK_Z):
+        cols = start + tl.arange(0, BLOCK_Z)
+        mask = row_mask[:, None] & (cols < Z)[None, :]
+        mean = tl.load(mean_ptr + rows[:, None] * stride_mean + cols[None, :], mask=mask, other=0.0)
+        log_sigma = tl.load(log_sigma_ptr + rows[:, None] * stride_log_sigma + cols[None, :], mask=mask, other=0.0)
+        mean = mean.to(tl.float32)
+        log_sigma = log_sigma.to(tl.float32)
+        index = rows[:, None] * Z + cols[None, :]
+        dz = tl.load(dz_ptr + index, mask=mask, other=0.0).to(tl.float32)
+        if EPS_IN_MEMORY:
+            eps = tl.load(eps_ptr + index, mask=mask, other=0.0)
+        else:
+            eps = tl.randn(seed, offset + index)  # the forward's eps: same key, same counters
+        sigma = tl.exp(log_sigma)
+        # d/dmean [z, KL] = [1, mean]; d/dlog_sigma [z, KL] = [eps * sigma, sigma^2 - 1].
+        dmean = dz + dkl * mean
+        dlog_sigma = dz * eps * sigma + dkl * (sigma * sigma - 1.0)
+        tl.store(dmean_ptr + index, dmean.to(dmean_ptr.dtype.element_ty), mask=mask)
+        tl.store(dlog_sigma_ptr + index, dlog_sigma.to(dlog_sigma_ptr.dtype.element_ty), mask=mask)
+
+
+def block_sizes(z_dim: int) -> tuple[int, int]:
+    """(BLOCK_B, BLOCK_Z) for rows of z_dim: columns in blocks of 32, 64 or 128 (longer rows loop)."""
+    # Comparisons rather than next_power_of_2's bit tricks: z_dim is a SymInt when traced with dynamic shapes.
+    block_z = 32 if z_dim <= 32 else 64 if z_dim <= 64 else 128
+    return _TILE // block_z, block_z
+
+
+def _check_inputs(mean: torch.Tensor, log_sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if mean.dim() != 2 or mean.shape != log_sigma.shape:
+        raise ValueError(f"mean and log_sigma must both be (B, Z), got {tuple(mean.shape)}, {tuple(log_sigma.shape)}")
+    if mean.dtype != log_sigma.dtype or mean.dtype not in _DTYPES:
+        raise ValueError(f"mean and log_sigma must share a dtype among fp32, bf16, fp16; got {mean.dtype}, "
+                         f"{log_sigma.dtype}")
+    # Rows may be apart (the encoder's output halves are column slices); columns must be contiguous.
+    return tuple(t if t.stride(1) == 1 else t.contiguous() for t in (mean, log_sigma))
+
+
+def _eps_or_seed_offset(
+    mean: torch.Tensor, eps: torch.Tensor | None, seed_offset: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(eps_ptr, seed_offset_ptr) arguments; the one a variant does not read gets a tensor already at hand."""
+    if (eps is None) == (seed_offset is None):
+        raise ValueError("pass exactly one of eps and seed_offset")
+    if eps is not None:
+        if eps.shape != mean.shape:
+            raise ValueError(f"eps must be {tuple(mean.shape)}, got {tuple(eps.shape)}")
+        eps = eps.float().contiguous()
+        return eps, eps
+    if seed_offset.shape != (2,) or seed_offset.dtype != torch.int64 or seed_offset.device != mean.device:
+        raise ValueError(f"seed_offset must be an int64 tensor [seed, offset] on {mean.device}")
+    return mean, seed_offset
+
+
+def reparameterize_kl_forward(
+    mean: torch.Tensor, log_sigma: torch.Tensor, eps: torch.Tensor | None = None,
+    seed_offset: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel: z (B, Z) in mean's dtype and KL (B,) fp32; eps read from `eps` or drawn."""
+    mean, log_sigma = _check_inputs(mean, log_sigma)
+    eps_arg, seed_offset_arg = _eps_or_seed_offset(mean, eps, seed_offset)
+    batch, z_dim = mean.shape
+    z = torch.empty((batch, z_dim), dtype=mean.dtype, device=mean.device)
+    kl = torch.empty((batch,), dtype=torch.float32, device=mean.device)
+    block_b, block_z = block_sizes(z_dim)
+    wrap_triton(_reparameterize_kl_forward_kernel)[(triton.cdiv(batch, block_b),)](
+        mean, log_sigma, eps_arg, seed_offset_arg, z, kl, batch, z_dim, mean.stride(0), log_sigma.stride(0),
+        BLOCK_B=block_b, BLOCK_Z=block_z, EPS_IN_MEMORY=eps is not None, num_warps=NUM_WARPS,
+    )
+    return z, kl
+
+
+def reparameterize_kl_backward(
+    dz: torch.Tensor, dkl: torch.Tensor, mean: torch.Tensor, log_sigma: torch.Tensor,
+    eps: torch.Tensor | None = None, seed_offset: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the backward kernel: (d mean, d log_sigma), each (B, Z) in mean's dtype, in one pass."""
+    mean, log_sigma = _check_inputs(mean, log_sigma)
+    eps_arg, seed_offset_arg = _eps_or_seed_offset(mean, eps, seed_offset)
+    if dz.shape != mean.shape or dkl.shape != mean.shape[:1]:
+        raise ValueError(f"dz must be {tuple(mean.shape)} and dkl ({mean.shape[0]},)")
+    # A gradient from z.sum() has stride 0 and the kernel does flat pointer arithmetic: copy such gradients.
+    dz = dz.to(mean.dtype).contiguous()
+    dkl = dkl.float().contiguous()
+    batch, z_dim = mean.shape
+    dmean = torch.empty((batch, z_dim), dtype=mean.dtype, device=mean.device)
+    dlog_sigma = torch.empty((batch, z_dim), dtype=mean.dtype, device=mean.device)
+    block_b, block_z = block_sizes(z_dim)
+    wrap_triton(_reparameterize_kl_backward_kernel)[(triton.cdiv(batch, block_b),)](
+        dz, dkl, mean, log_sigma, eps_arg, seed_offset_arg, dmean, dlog_sigma, batch, z_dim, mean.stride(0),
+        log_sigma.stride(0), BLOCK_B=block_b, BLOCK_Z=block_z, EPS_IN_MEMORY=eps is not None, num_warps=NUM_WARPS,
+    )
+    return dmean, dlog_sigma
+
+
+# The ops. On CUDA they run the kernels above (and torch.compile traces into them); on CPU they run the
+# PyTorch formula registered below (eager only: inside torch.compile a triton_op is decomposed into its
+# kernels, which have no CPU backend, so the dispatch in fastvae.kernels picks the formula before the op).
+
+
+@triton_op("fastvae::reparameterize_kl", mutates_args=())
+def _eps_op(mean: torch.Tensor, log_sigma: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return reparameterize_kl_forward(mean, log_sigma, eps=eps)
+
+
+@triton_op("fastvae::reparameterize_kl_backward", mutates_args=())
+def _eps_backward_op(
+    dz: torch.Tensor, dkl: torch.Tensor, mean: torch.Tensor, log_sigma: torch.Tensor, eps: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return reparameterize_kl_backward(dz, dkl, mean, log_sigma, eps=eps)
+
+
+@triton_op("fastvae::reparameterize_kl_sample", mutates_args=())
+def _sample_op(
+    mean: torch.Tensor, log_sigma: torch.Tensor, seed_offset: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return reparameterize_kl_forward(mean, log_sigma, seed_offset=seed_offset)
+
+
+@triton_op("fastvae::reparameterize_kl_sample_backward", mutates_args=())
+def _sample_backward_op(
+    dz: torch.Tensor, dkl: torch.Tensor, mean: torch.Tensor, log_sigma: torch.Tensor, seed_offset: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return reparameterize_kl_backward(dz, dkl, mean, log_sigma, seed_offset=seed_offset)
+
+
+@_eps_op.register_kernel("cpu")
+def _eps_cpu(mean: torch.Tensor, log_sigma: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return reparameterize_kl_torch(mean, log_sigma, eps)
+
+
+@_eps_backward_op.register_kernel("cpu")
+def _eps_backward_cpu(
+    dz: torch.Tensor, dkl: torch.Tensor, mean: torch.Tensor, log_sigma: torch.Tensor, eps: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _backward_torch(dz, dkl, mean, log_sigma, eps)
+
+
+@_sample_op.register_kernel("cpu")
+def _sample_cpu(
+    mean: torch.Tensor, log_sigma: torch.Tensor, seed_offset: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return reparameterize_kl_torch(mean, log_sigma, sample_eps_torch(seed_offset, mean.shape))
+
+
+@_sample_backward_op.register_kernel("cpu")
+def _sample_backward_cpu(
+    dz: torch.Tensor, dkl: torch.Tensor, mean: torch.Tensor, log_sigma: torch.Tensor, seed_offset: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _backward_torch(dz, dkl, mean, log_sigma, sample_eps_torch(seed_offset, mean.shape))
+
+
+def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: tuple) -> None:
+    ctx.save_for_backward(*inputs)  # (mean, log_sigma, eps or seed_offset)
+
+
+def _eps_grads(ctx: torch.autograd.function.FunctionCtx, dz: torch.Tensor, dkl: torch.Tensor) -> tuple:
+    dmean, dlog_sigma = torch.ops.fastvae.reparameterize_kl_backward(dz, dkl, *ctx.saved_tensors)
+    return dmean, dlog_sigma, None  # eps is a sample, not a parameter
+
+
+def _sample_grads(ctx: torch.autograd.function.FunctionCtx, dz: torch.Tensor, dkl: torch.Tensor) -> tuple:
+    dmean, dlog_sigma = torch.ops.fastvae.reparameterize_kl_sample_backward(dz, dkl, *ctx.saved_tensors)
+    return dmean, dlog_sigma, None
+
+
+_eps_op.register_autograd(_eps_grads, setup_context=_setup_context)
+_sample_op.register_autograd(_sample_grads, setup_context=_setup_context)
+
+
+def sample_eps_torch(seed_offset: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Standard-normal eps (shape) in fp32 on seed_offset's device, determined by (seed, offset).
+
+    Not Triton's numbers: a torch.Generator seeded from the pair, on the CPU. Reads the pair on the host,
+    so it is for eager code (the CPU op, tests), not for a compiled CUDA step.
+    """
+    seed, offset = seed_offset.tolist()
+    # Distinct offsets of one seed give distinct generator seeds (the multiplier is odd, so it is a bijection
+    # mod 2**64); 0x9E37... is 2**64 / golden ratio, which spreads nearby seeds apart.
+    generator = torch.Generator().manual_seed((seed * 0x9E3779B97F4A7C15 + offset) % 2**64)
+    return torch.randn(shape, generator=generator).to(seed_offset.device)
 
 
 def reparameterize_kl_torch(
@@ -14,12 +278,26 @@ def reparameterize_kl_torch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """mean, log_sigma, eps: (B, Z). Returns z (B, Z) in mean's dtype and KL (B,) in fp32.
 
-    Arithmetic is fp32 whatever the input dtype. KL is the closed form of Kingma & Welling (2014),
-    appendix B: KL(N(mean, sigma^2) || N(0, 1)) = sum_z 1/2 (sigma^2 + mean^2 - 1) - log sigma.
+    Arithmetic is fp32 for fp32, bf16 and fp16 inputs (fp64 stays fp64, for gradcheck). KL is the closed
+    form of Kingma & Welling (2014), appendix B:
+    KL(N(mean, sigma^2) || N(0, 1)) = sum_z 1/2 (sigma^2 + mean^2 - 1) - log sigma.
     """
-    mean32 = mean.float()
-    log_sigma32 = log_sigma.float()
-    sigma = log_sigma32.exp()
-    z = mean32 + sigma * eps.float()
-    kl = (0.5 * (sigma * sigma + mean32 * mean32 - 1.0) - log_sigma32).sum(-1)
+    compute = torch.promote_types(mean.dtype, torch.float32)
+    mean_c, log_sigma_c = mean.to(compute), log_sigma.to(compute)
+    sigma = log_sigma_c.exp()
+    z = mean_c + sigma * eps.to(compute)
+    kl = (0.5 * (sigma * sigma + mean_c * mean_c - 1.0) - log_sigma_c).sum(-1)
     return z.to(mean.dtype), kl
+
+
+def _backward_torch(
+    dz: torch.Tensor, dkl: torch.Tensor, mean: torch.Tensor, log_sigma: torch.Tensor, eps: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backward kernel's formula in PyTorch (the CPU ops' backward)."""
+    compute = torch.promote_types(mean.dtype, torch.float32)
+    mean_c, log_sigma_c, eps_c, dz_c = (t.to(compute) for t in (mean, log_sigma, eps, dz))
+    dkl_c = dkl.to(compute)[:, None]  # (B, 1)
+    sigma = log_sigma_c.exp()
+    dmean = dz_c + dkl_c * mean_c
+    dlog_sigma = dz_c * eps_c * sigma + dkl_c * (sigma * sigma - 1.0)
+    return dmean.to(mean.dtype), dlog_sigma.to(log_sigma.dtype)

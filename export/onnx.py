@@ -1,0 +1,176 @@
+"""`fastvae export`: one part of a trained VAE (decoder, encoder or the whole vae) as an ONNX graph with a dynamic
+batch dimension, metadata describing its contract, verified against PyTorch before it replaces any file.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import onnx
+import torch
+import torch.nn as nn
+
+import fastvae
+from fastvae.checkpoint import load_into, load_weights
+from fastvae.config import ModelConfig
+from fastvae.errors import FastVAEError
+from fastvae.export.verify import TOLERANCE, random_inputs, verify_onnx
+from fastvae.files import atomic_write, ensure_writable_dir
+from fastvae.model import VAE
+from fastvae.runtime import INPUTS, META_IMAGE_SHAPE, META_PART, META_Z_DIM, OUTPUTS
+
+PARTS = tuple(INPUTS)
+# The example batch is 2, not 1: torch.export specializes dimensions of size 0 and 1 to constants.
+_EXAMPLE_BATCH = 2
+# NOTE: measured (torch 2.14, onnx 1.23): the exporter builds opset 18+ and down-converts; below 16 the ONNX
+# converter has no adapter for this graph (Identity) and the export stays at 18.
+MIN_OPSET = 16
+
+
+class DecoderPart(nn.Module):
+    """z (B, Z) float32 -> images (B, C, 28, 28) float32 in [0, 1]; computes in the weights' dtype."""
+
+    def __init__(self, vae: VAE) -> None:
+        super().__init__()
+        self.decoder = vae.decode
+        self.dtype = next(vae.parameters()).dtype
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        # The fast decoder returns logits; the exported contract is images, so the sigmoid lives in the graph.
+        return torch.sigmoid(self.decoder(z.to(self.dtype))).float()
+
+
+class EncoderPart(nn.Module):
+    """images (B, C, 28, 28) float32 in [0, 1] -> mean (B, Z), log_sigma (B, Z) float32."""
+
+    def __init__(self, vae: VAE) -> None:
+        super().__init__()
+        self.encoder = vae.encode
+        self.dtype = next(vae.parameters()).dtype
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, log_sigma = self.encoder(images.to(self.dtype))
+        return mean.float(), log_sigma.float()
+
+
+class VAEPart(nn.Module):
+    """images (B, C, 28, 28) in [0, 1], eps (B, Z) -> reconstruction (B, C, 28, 28) in [0, 1], mean, log_sigma.
+
+    The caller supplies eps ~ N(0, I), so the graph holds no random op and is deterministic."""
+
+    def __init__(self, vae: VAE) -> None:
+        super().__init__()
+        self.vae = vae
+        self.dtype = next(vae.parameters()).dtype
+
+    def forward(self, images: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits, mean, log_sigma, _ = self.vae(images.to(self.dtype), eps)  # the unused KL is pruned at export
+        return torch.sigmoid(logits).float(), mean.float(), log_sigma.float()
+
+
+_WRAPPERS: dict[str, Callable[[VAE], nn.Module]] = {"decoder": DecoderPart, "encoder": EncoderPart, "vae": VAEPart}
+
+
+def part_module(model: VAE, part: str) -> nn.Module:
+    """The eval-mode wrapper exporting `part` of `model` (float32 in and out, whatever the weights' dtype)."""
+    return _WRAPPERS[part](model).eval()
+
+
+def describe(part: str, config: ModelConfig) -> tuple[dict[str, str], dict[str, str]]:
+    """Human-readable contract of each input and output, stored in the file's metadata."""
+    image = f"(batch, {config.im_chan}, {config.image_size}, {config.image_size}) float32"
+    latent = f"(batch, {config.z_dim}) float32"
+    meaning = {
+        "z": f"{latent} latent code; the prior is N(0, I)",
+        "eps": f"{latent} standard-normal noise; z = mean + exp(log_sigma) * eps (zeros: the posterior mean)",
+        "images": f"{image} pixels in [0, 1]",
+        "reconstruction": f"{image} reconstructed pixels in [0, 1]",
+        "mean": f"{latent} mean of q(z|x)",
+        "log_sigma": f"{latent} log standard deviation of q(z|x)",
+    }
+    return {n: meaning[n] for n in INPUTS[part]}, {n: meaning[n] for n in OUTPUTS[part]}
+
+
+def export_part(model: VAE, part: str, *, fp16: bool = False, opset: int | None = None) -> onnx.ModelProto:
+    """Export `part` of an eval-mode fp32 `model` with the dynamo exporter; batch dimension dynamic.
+
+    fp16: the weights and all arithmetic are float16, with Cast nodes at the graph's boundary, so the inputs
+    and outputs stay float32 and callers need not know the precision.
+    """
+    if part not in PARTS:
+        raise FastVAEError(f"unknown part {part!r}: choose one of {', '.join(PARTS)}")
+    if opset is not None and not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
+        raise FastVAEError(f"--opset {opset} is not supported: choose {MIN_OPSET} to {onnx.defs.onnx_opset_version()}, "
+                           "or leave it out for the exporter's recommended opset")
+    module = part_module(copy.deepcopy(model).half() if fp16 else model, part)
+    batch = torch.export.Dim("batch")
+    args = random_inputs(part, model.config, _EXAMPLE_BATCH)
+    with warnings.catch_warnings():
+        # images and eps share one Dim on purpose (equal batches); the exporter warns that it names it once.
+        warnings.filterwarnings("ignore", message=".*shares the same shape constraints.*")
+        program = torch.onnx.export(
+            module, args, dynamo=True, verbose=False, opset_version=opset, input_names=list(INPUTS[part]),
+            output_names=list(OUTPUTS[part]), dynamic_shapes=tuple({0: batch} for _ in args),
+        )
+    proto = program.model_proto
+    got = opset_of(proto)
+    if opset is not None and got != opset:
+        raise FastVAEError(f"the exporter could not convert the graph to opset {opset} (it stayed at {got})")
+    return proto
+
+
+def opset_of(proto: onnx.ModelProto) -> int:
+    """The default (ai.onnx) opset version of a model."""
+    return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def set_metadata(proto: onnx.ModelProto, values: dict[str, str]) -> None:
+    """Set metadata_props entries, replacing existing keys (readable as onnxruntime's custom_metadata_map)."""
+    kept = [p for p in proto.metadata_props if p.key not in values]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    for key, value in values.items():
+        proto.metadata_props.add(key=key, value=value)
+
+
+def export_onnx(out: str | Path, checkpoint: str | Path, part: str = "decoder", *, opset: int | None = None,
+                fp16: bool = False, verify: bool = True, log: Callable[[str], None] = print) -> float | None:
+    """Export `part` of the run folder `checkpoint` to the ONNX file `out`; returns the verified max abs error
+    (None with verify=False). `out` is replaced atomically, and only after verification passed."""
+    out = Path(out)
+    ensure_writable_dir(out.parent)
+    config, state, epoch = load_weights(checkpoint)
+    model = VAE(config)
+    load_into(model, state, checkpoint)
+    model.eval()
+    proto = export_part(model, part, fp16=fp16, opset=opset)
+    inputs, outputs = describe(part, config)
+    set_metadata(proto, {
+        META_PART: part,
+        META_Z_DIM: str(config.z_dim),
+        META_IMAGE_SHAPE: json.dumps([config.im_chan, config.image_size, config.image_size]),
+        "fastvae.inputs": json.dumps(inputs),
+        "fastvae.outputs": json.dumps(outputs),
+        "fastvae.precision": "float16" if fp16 else "float32",
+        "fastvae.version": fastvae.__version__,
+        "fastvae.checkpoint": str(Path(checkpoint).resolve()),
+        "fastvae.epoch": str(epoch),
+    })
+    error = None
+    if verify:
+        # Verified as the exact bytes that get written (the parity entry aside), so a failing graph never
+        # reaches the disk and an existing `out` stays as it was.
+        error = verify_onnx(proto.SerializeToString(), part_module(model, part), part, config, fp16=fp16, log=log)
+        parity = f"{error:.3g} max abs error vs PyTorch fp32 (tolerance {TOLERANCE[fp16]:g})"
+    else:
+        parity = "not verified (--no-verify)"
+    set_metadata(proto, {"fastvae.parity": parity})
+    data = proto.SerializeToString()
+    atomic_write(out, lambda f: f.write(data))
+    log(f"wrote {out}: {part}, opset {opset_of(proto)}, {'float16' if fp16 else 'float32'}, "
+        f"{len(data) / 1e6:.2f} MB, parity {parity}")
+    return error

@@ -1,0 +1,185 @@
+"""Run an exported fastvae ONNX file with onnxruntime and numpy alone (no torch): sample, decode, encode, reconstruct.
+
+Every check on the caller's input raises ValueError naming what was expected, so other apps need no fastvae types.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+# The graph contract of each part written by `fastvae export`: input and output names, in order.
+INPUTS = {"decoder": ("z",), "encoder": ("images",), "vae": ("images", "eps")}
+OUTPUTS = {"decoder": ("images",), "encoder": ("mean", "log_sigma"), "vae": ("reconstruction", "mean", "log_sigma")}
+# Keys in the ONNX file's metadata_props, written by fastvae.export.onnx.
+META_PART, META_Z_DIM, META_IMAGE_SHAPE = "fastvae.part", "fastvae.z_dim", "fastvae.image_shape"
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def physical_cores() -> int:
+    """Physical cores this process may use: SMT siblings share one core's FPUs, so more threads only contend."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return os.cpu_count() or 1
+    cores, physical = set(), "0"
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "physical id":
+            physical = value.strip()
+        elif key.strip() == "core id":
+            cores.add((physical, value.strip()))
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(len(cores) or allowed, allowed))
+
+
+def gpu_present() -> bool:
+    """True when the CUDA driver sees a GPU. Asked before requesting CUDA from onnxruntime, which otherwise
+    prints a loud error and falls back; the driver API is used so no torch import is needed."""
+    try:
+        driver = ctypes.CDLL("nvcuda.dll" if sys.platform == "win32" else "libcuda.so.1")
+    except OSError:
+        return False
+    count = ctypes.c_int(0)
+    return driver.cuInit(0) == 0 and driver.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
+
+
+def make_session(model: str | Path | bytes, device: str = "auto") -> ort.InferenceSession:
+    """An onnxruntime session on CUDA when `device` allows it and a GPU is there, else on CPU.
+
+    `session.get_providers()[0]` says which provider runs the graph. Raises ValueError for an unreadable model.
+    """
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+    cuda = device != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers() and gpu_present()
+    if device == "cuda" and not cuda:
+        raise ValueError("device 'cuda' asked for, but onnxruntime has no CUDA provider or no GPU is present")
+    if cuda:
+        ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* wheels, which torch would otherwise have loaded
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = physical_cores()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # onnxruntime's CUDA provider defaults to TF32 convolutions and matmuls (~1e-3 error): a float32 file keeps
+    # float32 accuracy on every device, and --fp16 is the fast option.
+    cuda_provider = ("CUDAExecutionProvider", {"use_tf32": "0"})
+    providers = [cuda_provider, "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
+    source = model if isinstance(model, bytes) else str(model)
+    try:
+        session = ort.InferenceSession(source, options, providers=providers)
+    except Exception as e:  # onnxruntime raises its own types (InvalidProtobuf, Fail, ...) for a bad file
+        name = "the model" if isinstance(model, bytes) else str(model)
+        raise ValueError(f"{name} is not a loadable ONNX model (corrupt, truncated or not ONNX): {e}") from e
+    if device == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
+        raise ValueError("device 'cuda' asked for, but onnxruntime could not start its CUDA provider")
+    return session
+
+
+def _check_array(array: object, name: str, shape: tuple[int | None, ...], unit: bool) -> np.ndarray:
+    """`array` as C-contiguous float32 of `shape` (None: any size >= 1), finite, and in [0, 1] if `unit`."""
+    expected = "(" + ", ".join("B" if d is None else str(d) for d in shape) + ")"
+    if not isinstance(array, np.ndarray):
+        raise ValueError(f"{name} must be a numpy array of shape {expected}, got {type(array).__name__}")
+    if not np.issubdtype(array.dtype, np.floating):
+        hint = " (uint8 images: divide by 255)" if array.dtype == np.uint8 else ""
+        raise ValueError(f"{name} must be a float array (float32 preferred), got {array.dtype}{hint}")
+    fits = array.ndim == len(shape) and all(d in (None, s) for d, s in zip(shape, array.shape, strict=True))
+    if not fits or array.shape[0] < 1:
+        raise ValueError(f"{name} must have shape {expected} with B >= 1, got {array.shape}")
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    if not np.isfinite(array).all():
+        raise ValueError(f"{name} contains NaN or infinity")
+    if unit and (array.min() < 0 or array.max() > 1):
+        raise ValueError(f"{name} must lie in [0, 1], got values in [{array.min():.3g}, {array.max():.3g}]")
+    return array
+
+
+class OnnxVAE:
+    """A fastvae ONNX export (decoder, encoder or vae part) with numpy in and numpy out.
+
+    Images are float32 (B, C, 28, 28) in [0, 1]; latents float32 (B, Z). Shapes and part come from the file's
+    metadata. Every run goes through IO binding with the caller's numpy buffers (on CUDA: one copy each way).
+    """
+
+    def __init__(self, path: str | Path, device: str = "auto") -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ValueError(f"no ONNX model at {self.path}: expected a file written by `fastvae export`")
+        self.session = make_session(self.path, device)
+        meta = self.session.get_modelmeta().custom_metadata_map
+        try:
+            self.part = meta[META_PART]
+            self.z_dim = int(meta[META_Z_DIM])
+            self.image_shape: tuple[int, int, int] = tuple(json.loads(meta[META_IMAGE_SHAPE]))
+        except (KeyError, ValueError, TypeError) as e:
+            raise ValueError(f"{self.path} is an ONNX model but not a fastvae export (metadata: {e})") from e
+        names = ([i.name for i in self.session.get_inputs()], [o.name for o in self.session.get_outputs()])
+        if self.part not in INPUTS or names != (list(INPUTS[self.part]), list(OUTPUTS[self.part])):
+            raise ValueError(f"{self.path}: part {self.part!r} with inputs/outputs {names} is not a fastvae export")
+        self.metadata = dict(meta)
+
+    @property
+    def provider(self) -> str:
+        """The execution provider running the graph, e.g. 'CPUExecutionProvider'."""
+        return self.session.get_providers()[0]
+
+    def _require(self, parts: tuple[str, ...], method: str) -> None:
+        if self.part not in parts:
+            raise ValueError(
+                f"{method}() needs a file exported with --part {' or --part '.join(parts)}, but {self.path} "
+                f"holds the {self.part!r} part; write one with `fastvae export --part {parts[0]}`"
+            )
+
+    def _run(self, feeds: dict[str, np.ndarray], shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
+        """Run with IO binding: inputs are read from the numpy buffers, outputs written into fresh numpy
+        buffers, so no extra host copy is made (on CUDA: one copy in, one copy out)."""
+        binding = self.session.io_binding()
+        for name, array in feeds.items():
+            binding.bind_cpu_input(name, array)
+        outputs = [np.empty(shape, dtype=np.float32) for shape in shapes]
+        for name, out in zip(OUTPUTS[self.part], outputs, strict=True):
+            binding.bind_output(name, "cpu", 0, np.float32, out.shape, out.ctypes.data)
+        self.session.run_with_iobinding(binding)
+        return outputs
+
+    def decode(self, z: np.ndarray) -> np.ndarray:
+        """Latents (B, Z) -> images (B, C, 28, 28) float32 in [0, 1]. Needs a decoder export."""
+        self._require(("decoder",), "decode")
+        z = _check_array(z, "z", (None, self.z_dim), unit=False)
+        return self._run({"z": z}, [(len(z), *self.image_shape)])[0]
+
+    def sample(self, n: int, seed: int | None = None) -> np.ndarray:
+        """n images (n, C, 28, 28) from z ~ N(0, I) drawn by numpy's Generator(seed). Needs a decoder export."""
+        self._require(("decoder",), "sample")
+        if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
+            raise ValueError(f"n must be a positive integer, got {n!r}")
+        z = np.random.default_rng(seed).standard_normal((n, self.z_dim), dtype=np.float32)
+        return self.decode(z)
+
+    def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Images (B, C, 28, 28) in [0, 1] -> q(z|x)'s mean and log sigma, each (B, Z) float32.
+
+        Works on an encoder export, or a vae export (run with eps = 0; its reconstruction is discarded)."""
+        self._require(("encoder", "vae"), "encode")
+        images = _check_array(images, "images", (None, *self.image_shape), unit=True)
+        latent = (len(images), self.z_dim)
+        if self.part == "encoder":
+            mean, log_sigma = self._run({"images": images}, [latent, latent])
+        else:
+            eps = np.zeros(latent, dtype=np.float32)
+            _, mean, log_sigma = self._run({"images": images, "eps": eps}, [images.shape, latent, latent])
+        return mean, log_sigma
+
+    def reconstruct(self, images: np.ndarray, seed: int | None = None) -> np.ndarray:
+        """Images (B, C, 28, 28) in [0, 1] -> reconstructions, same shape, decoded from z = mean + sigma * eps
+        with eps ~ N(0, I) from numpy's Generator(seed). Needs a vae export."""
+        self._require(("vae",), "reconstruct")
+        images = _check_array(images, "images", (None, *self.image_shape), unit=True)
+        latent = (len(images), self.z_dim)
+        eps = np.random.default_rng(seed).standard_normal(latent, dtype=np.float32)
+        return self._run({"images": images, "eps": eps}, [images.shape, latent, latent])[0]

@@ -1,0 +1,82 @@
+"""Ahead-of-time build of every Triton kernel variant for sm_80 and sm_90, without a GPU.
+
+Each variant must give a cubin and must not spill; its registers and spills are printed (see them with -s).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from itertools import product
+
+import pytest
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from fastvae.kernels.reparameterize_kl import (
+    NUM_WARPS,
+    _reparameterize_kl_backward_kernel,
+    _reparameterize_kl_forward_kernel,
+    block_sizes,
+)
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") == "1", reason="TRITON_INTERPRET=1 makes the kernels interpreted functions"
+)
+
+KERNELS = [_reparameterize_kl_forward_kernel, _reparameterize_kl_backward_kernel]
+TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+# Every (BLOCK_B, BLOCK_Z) the launchers pick: rows longer than 128 reuse the 128 block.
+BLOCKS = sorted({block_sizes(z_dim) for z_dim in range(1, 257)})
+
+
+def _signature(kernel: triton.JITFunction, dtype: torch.dtype, constexprs: dict[str, object]) -> dict[str, str]:
+    """The argument types the launchers pass; a pointer a variant does not read is a tensor at hand."""
+    ty = TYPES[dtype]
+    eps_in_memory = constexprs["EPS_IN_MEMORY"]
+    pointers = {"kl_ptr": "*fp32", "dkl_ptr": "*fp32", "eps_ptr": "*fp32" if eps_in_memory else f"*{ty}",
+                "seed_offset_ptr": "*fp32" if eps_in_memory else "*i64"}
+    return {
+        name: "constexpr" if name in constexprs else pointers.get(name, f"*{ty}") if name.endswith("_ptr") else "i32"
+        for name in kernel.arg_names
+    }
+
+
+def _ptxas_usage(ptx: str) -> tuple[int, int, int]:
+    """(registers, spill store bytes, spill load bytes) from Triton's own ptxas, with the flags Triton uses."""
+    arch = re.search(r"^\.target (\w+)", ptx, re.MULTILINE).group(1)
+    with tempfile.TemporaryDirectory() as folder:
+        source = os.path.join(folder, "kernel.ptx")
+        with open(source, "w") as f:
+            f.write(ptx)
+        log = subprocess.run(
+            [triton.knobs.nvidia.ptxas.path, "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={arch}",
+             source, "-o", os.path.join(folder, "kernel.cubin")],
+            capture_output=True, text=True, check=True,
+        ).stderr
+    stores, loads = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log).groups()
+    return int(re.search(r"Used (\d+) registers", log).group(1)), int(stores), int(loads)
+
+
+@pytest.mark.parametrize("arch", [80, 90], ids=lambda arch: f"sm_{arch}")
+@pytest.mark.parametrize("dtype", list(TYPES), ids=str)
+@pytest.mark.parametrize("kernel", KERNELS, ids=lambda kernel: kernel.__name__.strip("_"))
+def test_every_variant_builds_without_spills(kernel: triton.JITFunction, dtype: torch.dtype, arch: int) -> None:
+    spilled = []
+    for (block_b, block_z), eps_in_memory in product(BLOCKS, (False, True)):
+        constexprs = {"BLOCK_B": block_b, "BLOCK_Z": block_z, "EPS_IN_MEMORY": eps_in_memory}
+        compiled = triton.compile(
+            ASTSource(fn=kernel, signature=_signature(kernel, dtype, constexprs), constexprs=constexprs),
+            target=GPUTarget("cuda", arch, 32), options={"num_warps": NUM_WARPS},
+        )
+        assert compiled.asm["cubin"][:4] == b"\x7fELF", "no cubin"
+        registers, stores, loads = _ptxas_usage(compiled.asm["ptx"])
+        variant = f"{kernel.__name__} sm_{arch} {TYPES[dtype]} {constexprs} num_warps={NUM_WARPS}"
+        print(f"{variant}: {registers} registers, spills {stores} B stored / {loads} B loaded")
+        if stores or loads:
+            spilled.append(variant)
+    assert not spilled, f"register spills in {spilled}"

@@ -1,0 +1,381 @@
+"""The fused reparameterize + KL op against the lab's torch.distributions path, in each implementation.
+
+The Triton kernels run for real on a GPU and, in CPU CI, under TRITON_INTERPRET=1. That variable must be set
+before triton is imported and the rest of the suite needs compiled kernels, so the test_triton_* tests are
+rerun in a subprocess that sets it (test_interpreter_runs_the_triton_kernel_tests).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from torch.distributions.normal import Normal
+
+from fastvae import reference
+from fastvae.cli import main
+from fastvae.kernels import reparameterize_kl, reparameterize_kl_sampled, resolve_kernel
+from fastvae.kernels.reparameterize_kl import (
+    reparameterize_kl_backward,
+    reparameterize_kl_forward,
+    reparameterize_kl_torch,
+    sample_eps_torch,
+)
+from fastvae.model import VAE
+from tests.conftest import TOLERANCES
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+TRITON_DEVICE = "cpu" if INTERPRET else "cuda" if torch.cuda.is_available() else None
+needs_triton = pytest.mark.skipif(
+    TRITON_DEVICE is None, reason="no GPU: test_interpreter_runs_the_triton_kernel_tests reruns it interpreted"
+)
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; this machine has none")
+
+SHAPES = [(batch, z_dim) for batch in (1, 7, 1024) for z_dim in (1, 20, 32, 33, 128)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+OPS = torch.ops.fastvae
+
+
+@contextlib.contextmanager
+def poisoned() -> Iterator[None]:
+    """torch.empty fills new tensors with NaN inside, so an output element a kernel never wrote shows up."""
+    before = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        assert torch.empty(4).isnan().all()
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.utils.deterministic.fill_uninitialized_memory = before[1]
+
+
+def _inputs(batch: int, z_dim: int, dtype: torch.dtype, device: str) -> tuple[torch.Tensor, ...]:
+    """mean, log_sigma as the encoder gives them (column halves of one (B, 2Z) tensor), eps, dz, dkl."""
+    encoding = torch.cat([torch.randn(batch, z_dim), 0.5 * torch.randn(batch, z_dim)], 1).to(dtype).to(device)
+    eps = torch.randn(batch, z_dim, device=device)
+    dz = torch.randn(batch, z_dim, device=device).to(dtype)
+    dkl = torch.randn(batch, device=device)
+    return encoding[:, :z_dim], encoding[:, z_dim:], eps, dz, dkl
+
+
+def _reference(*inputs: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The lab's path in fp64 on the same (rounded) inputs: [z, KL, d mean, d log_sigma], and each one's
+    terms in absolute value. Errors are measured against the latter: rounding is relative to the terms, and
+    an element that is a near-total cancellation (dz = -dkl * mean) has a tiny value, not a tiny error."""
+    m, s, e, dz, dkl = (t.double() for t in inputs)
+    m.requires_grad_(True)
+    s.requires_grad_(True)
+    q = Normal(m, s.exp())
+    z = q.mean + q.stddev * e  # as reference.VAE draws z from a given eps
+    kl = reference.kl_divergence_loss(q)
+    torch.autograd.backward((z, kl), (dz, dkl))
+    outputs = [z.detach(), kl.detach(), m.grad, s.grad]
+    m, s, dkl = m.detach(), s.detach(), dkl[:, None]
+    sigma = s.exp()
+    terms = [m.abs() + sigma * e.abs(), (0.5 * (sigma**2 + m**2 + 1) + s.abs()).sum(-1),
+             dz.abs() + (dkl * m).abs(), (dz * e * sigma).abs() + dkl.abs() * (sigma**2 + 1)]
+    return outputs, terms
+
+
+def _error(actual: torch.Tensor, expected: torch.Tensor, terms: torch.Tensor) -> float:
+    return ((actual.double() - expected).norm() / terms.norm()).item()
+
+
+# ---- Triton kernels: on a GPU, or on the CPU under TRITON_INTERPRET=1 ----
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("batch, z_dim", SHAPES, ids=str)
+def test_triton_forward_and_backward_match_reference(batch: int, z_dim: int, dtype: torch.dtype) -> None:
+    mean, log_sigma, eps, dz, dkl = _inputs(batch, z_dim, dtype, TRITON_DEVICE)
+    with poisoned():
+        z, kl = reparameterize_kl_forward(mean, log_sigma, eps=eps)
+        dmean, dlog_sigma = reparameterize_kl_backward(dz, dkl, mean, log_sigma, eps=eps)
+    expected, terms = _reference(mean, log_sigma, eps, dz, dkl)
+    assert (z.dtype, kl.dtype, dmean.dtype, dlog_sigma.dtype) == (dtype, torch.float32, dtype, dtype)
+    # NOTE: the interpreter casts fp32 -> bf16 by truncation (a GPU rounds to nearest): up to 2**-7 relative.
+    for name, actual, want, scale in zip(("z", "kl", "dmean", "dlog_sigma"), (z, kl, dmean, dlog_sigma),
+                                         expected, terms, strict=True):
+        assert not actual.isnan().any(), f"{name}: elements left unwritten"
+        assert _error(actual, want, scale) <= TOLERANCES[dtype], name
+
+
+@needs_triton
+def test_triton_philox_reproducible_and_counters_per_element() -> None:
+    batch, z_dim = 7, 20
+    zeros = torch.zeros(batch, z_dim, device=TRITON_DEVICE)
+
+    def eps(seed: int, offset: int) -> torch.Tensor:
+        # mean 0, log_sigma 0: z = 0 + 1 * eps exactly.
+        return reparameterize_kl_forward(zeros, zeros, seed_offset=torch.tensor([seed, offset], device=zeros.device))[0]
+
+    seed = 0x7FFF_0123_4567_89AB  # 63 bits, as train.derived_seed gives
+    first = eps(seed, 1000)
+    assert torch.equal(first, eps(seed, 1000))
+    assert not torch.equal(first, eps(seed, 1001))
+    assert not torch.equal(first, eps(seed - 2**32, 1000))  # the seed's high word is part of the key
+    # Counter = offset + row * Z + col: a step later by B * Z never reuses one; row r at offset Z is row r + 1.
+    assert torch.equal(eps(seed, 1000 + z_dim)[:-1], first[1:])
+    assert not torch.isin(eps(seed, 1000 + batch * z_dim), first).any()
+
+
+@needs_triton
+def test_triton_philox_eps_is_standard_normal() -> None:
+    batch, z_dim = 1024, 128
+    zeros = torch.zeros(batch, z_dim, device=TRITON_DEVICE)
+    eps = reparameterize_kl_forward(zeros, zeros, seed_offset=torch.tensor([12345, 0], device=zeros.device))[0]
+    x = eps.double().flatten()
+    n = x.numel()
+    # 6-sigma bounds for n standard normals: sd(mean) = 1/sqrt(n), sd(variance) = sqrt(2/n), sd(lag-1 and
+    # row-to-row correlation) = 1/sqrt(n). Chance of a false failure: about 2e-9 each.
+    assert abs(x.mean().item()) < 6 / n**0.5
+    assert abs(x.var().item() - 1) < 6 * (2 / n) ** 0.5
+    assert abs((x[1:] * x[:-1]).mean().item()) < 6 / n**0.5
+    assert abs((eps[1:].double() * eps[:-1].double()).mean().item()) < 6 / n**0.5
+
+
+@needs_triton
+@pytest.mark.parametrize("batch, z_dim", [(1, 1), (7, 20), (1024, 33)], ids=str)
+def test_triton_backward_regenerates_the_forward_eps(batch: int, z_dim: int) -> None:
+    mean, log_sigma, _, dz, dkl = _inputs(batch, z_dim, torch.float32, TRITON_DEVICE)
+    seed_offset = torch.tensor([2024, 77 * batch * z_dim], device=mean.device)
+    with poisoned():
+        z, _ = reparameterize_kl_forward(mean, log_sigma, seed_offset=seed_offset)
+        grads = reparameterize_kl_backward(dz, dkl, mean, log_sigma, seed_offset=seed_offset)
+    recovered = ((z.double() - mean.double()) / log_sigma.double().exp()).float()
+    from_eps = reparameterize_kl_backward(dz, dkl, mean, log_sigma, eps=recovered)
+    _, terms = _reference(mean, log_sigma, recovered, dz, dkl)
+    for actual, want, scale in zip(grads, from_eps, terms[2:], strict=True):
+        assert not actual.isnan().any()
+        assert _error(actual, want.double(), scale) <= TOLERANCES[torch.float32]
+    # Exactly: with mean 0 and log_sigma 0 the forward's z is its eps, bit for bit.
+    zeros = torch.zeros_like(mean)
+    eps = reparameterize_kl_forward(zeros, zeros, seed_offset=seed_offset)[0]
+    exact = reparameterize_kl_backward(dz, dkl, mean, log_sigma, eps=eps)
+    assert all(torch.equal(a, b) for a, b in zip(grads, exact, strict=True))
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_any_strides_give_the_contiguous_result(dtype: torch.dtype) -> None:
+    batch, z_dim = 7, 33
+    mean, log_sigma, _, _, _ = _inputs(batch, z_dim, dtype, TRITON_DEVICE)
+    seed_offset = torch.tensor([5, 0], device=mean.device)
+    dz_cases = {
+        "stride 0 (z.sum())": torch.ones(1, 1, dtype=dtype, device=mean.device).expand(batch, z_dim),
+        "transposed": torch.randn(z_dim, batch, device=mean.device).to(dtype).t(),
+    }
+    dkl = torch.full((1,), 0.5, device=mean.device).expand(batch)  # stride 0, as from kl.sum() * 0.5
+    forward = reparameterize_kl_forward(mean, log_sigma, seed_offset=seed_offset)
+    dense = reparameterize_kl_forward(mean.contiguous(), log_sigma.contiguous(), seed_offset=seed_offset)
+    assert all(torch.equal(a, b) for a, b in zip(forward, dense, strict=True)), "row-strided mean, log_sigma"
+    for name, dz in dz_cases.items():
+        strided = reparameterize_kl_backward(dz, dkl, mean, log_sigma, seed_offset=seed_offset)
+        contiguous = reparameterize_kl_backward(dz.contiguous(), dkl.contiguous(), mean.contiguous(),
+                                                log_sigma.contiguous(), seed_offset=seed_offset)
+        assert all(torch.equal(a, b) for a, b in zip(strided, contiguous, strict=True)), name
+
+
+@pytest.mark.skipif(INTERPRET, reason="this is the interpreter run")
+def test_interpreter_runs_the_triton_kernel_tests() -> None:
+    """Reruns the test_triton_* tests on the CPU with TRITON_INTERPRET=1 set before anything imports triton."""
+    start = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "test_triton_"],
+        env={**os.environ, "TRITON_INTERPRET": "1"}, cwd=Path(__file__).parents[1], capture_output=True,
+        text=True, timeout=600,
+    )
+    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
+    print(f"TRITON_INTERPRET=1 subprocess: {summary} ({time.perf_counter() - start:.0f} s with startup)")
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    assert " passed" in summary and "skipped" not in summary, summary
+
+
+# ---- The PyTorch implementation and the registered ops on the CPU ----
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("batch, z_dim", [(1, 1), (7, 20), (1024, 33)], ids=str)
+def test_cpu_op_forward_and_autograd_match_reference(batch: int, z_dim: int, dtype: torch.dtype) -> None:
+    mean, log_sigma, eps, dz, dkl = _inputs(batch, z_dim, dtype, "cpu")
+    mean.requires_grad_(True)
+    log_sigma.requires_grad_(True)
+    z, kl = OPS.reparameterize_kl(mean, log_sigma, eps)
+    torch.autograd.backward((z, kl), (dz, dkl))
+    expected, terms = _reference(mean.detach(), log_sigma.detach(), eps, dz, dkl)
+    for actual, want, scale in zip((z, kl, mean.grad, log_sigma.grad), expected, terms, strict=True):
+        assert _error(actual.detach(), want, scale) <= TOLERANCES[dtype]
+    twin = reparameterize_kl_torch(mean, log_sigma, eps)
+    assert torch.equal(twin[0], z) and torch.equal(twin[1], kl)
+
+
+def test_cpu_ops_gradcheck_float64() -> None:
+    mean = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    log_sigma = (0.5 * torch.randn(3, 5, dtype=torch.float64)).requires_grad_(True)
+    eps = torch.randn(3, 5, dtype=torch.float64)
+    seed_offset = torch.tensor([3, 15])
+    assert torch.autograd.gradcheck(lambda m, s: OPS.reparameterize_kl(m, s, eps), (mean, log_sigma))
+    assert torch.autograd.gradcheck(lambda m, s: OPS.reparameterize_kl_sample(m, s, seed_offset), (mean, log_sigma))
+
+
+def _opcheck_cases(device: str) -> list[tuple[object, tuple[torch.Tensor, ...]]]:
+    mean, log_sigma, eps, dz, dkl = (t.contiguous() for t in _inputs(7, 33, torch.float32, device))
+    seed_offset = torch.tensor([1, 2], device=device)
+    grad = [t.clone().requires_grad_(True) for t in (mean, log_sigma)]
+    return [
+        (OPS.reparameterize_kl.default, (*grad, eps)),
+        (OPS.reparameterize_kl_sample.default, (*grad, seed_offset)),
+        (OPS.reparameterize_kl_backward.default, (dz, dkl, mean, log_sigma, eps)),
+        (OPS.reparameterize_kl_sample_backward.default, (dz, dkl, mean, log_sigma, seed_offset)),
+    ]
+
+
+def test_opcheck_cpu() -> None:
+    """Schema, autograd registration and the fake (meta) kernel. test_aot_dispatch_dynamic is left out: it
+    traces the op as torch.compile does, which decomposes a triton_op into its Triton kernels, and those have
+    no CPU backend ('0 active drivers'); the dispatch never sends CPU tensors there (test_cuda_opcheck runs it)."""
+    for op, args in _opcheck_cases("cpu"):
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_cpu_sampled_path_is_deterministic_and_equals_the_dispatch() -> None:
+    mean, log_sigma, _, _, _ = _inputs(7, 20, torch.float32, "cpu")
+    pair = torch.tensor([9, 140])
+    z, kl = OPS.reparameterize_kl_sample(mean, log_sigma, pair)
+    assert torch.equal(z, OPS.reparameterize_kl_sample(mean, log_sigma, pair.clone())[0])
+    assert not torch.equal(z, OPS.reparameterize_kl_sample(mean, log_sigma, torch.tensor([9, 280]))[0])
+    assert torch.equal(z, reparameterize_kl_sampled(mean, log_sigma, pair, kernel="torch")[0])
+    assert torch.equal(z, reparameterize_kl_torch(mean, log_sigma, sample_eps_torch(pair, mean.shape))[0])
+
+
+def test_cpu_stride0_gradient_through_the_op() -> None:
+    mean, log_sigma, eps, _, _ = _inputs(7, 33, torch.float32, "cpu")
+    pairs = []
+    for explicit in (False, True):
+        m, s = mean.detach().requires_grad_(True), log_sigma.detach().requires_grad_(True)
+        z, kl = OPS.reparameterize_kl(m, s, eps)
+        if explicit:
+            torch.autograd.backward((z, kl), (torch.ones_like(z), torch.ones_like(kl)))
+        else:
+            (z.sum() + kl.sum()).backward()
+        pairs.append((m.grad, s.grad))
+    assert all(torch.equal(a, b) for a, b in zip(*pairs, strict=True))
+
+
+def test_resolve_kernel() -> None:
+    assert resolve_kernel("auto", "cpu")[0] == "torch"
+    assert resolve_kernel("auto", torch.device("cuda", 0)) == ("triton", "auto: CUDA tensors")
+    assert resolve_kernel("torch", "cuda")[0] == "torch"
+    assert resolve_kernel("triton", "cuda")[0] == "triton"
+    with pytest.raises(ValueError, match="need CUDA tensors"):
+        resolve_kernel("triton", "cpu")
+    with pytest.raises(ValueError, match="must be one of"):
+        resolve_kernel("cuda", "cpu")
+
+
+def test_cpu_compile_takes_the_formula() -> None:
+    """A triton_op inside torch.compile on CPU tensors fails, so 'auto' must resolve before the op."""
+    mean, log_sigma, eps, _, _ = _inputs(7, 20, torch.float32, "cpu")
+    compiled = torch.compile(lambda m, s, e: reparameterize_kl(m, s, e, kernel="auto"), fullgraph=True,
+                             backend="aot_eager")
+    for actual, want in zip(compiled(mean, log_sigma, eps), reparameterize_kl_torch(mean, log_sigma, eps),
+                            strict=True):
+        torch.testing.assert_close(actual, want)
+
+
+def test_model_draws_eps_from_seed_offset() -> None:
+    model = VAE().eval()
+    images = torch.rand(4, 1, 28, 28)
+    pair = torch.tensor([1, 0])
+    with torch.no_grad():
+        sampled = model(images, seed_offset=pair)
+        given = model(images, sample_eps_torch(pair, (4, model.z_dim)))
+    assert all(torch.equal(a, b) for a, b in zip(sampled, given, strict=True))
+
+
+# ---- Training with --kernel ----
+
+
+def _train_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--data-dir", str(data), "--batch-size", "32", "--limit-train", "64", "--epochs", "1",
+            "--z-dim", "8", "--out", str(out), "--no-progress", *extra]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message; this machine has a GPU")
+def test_train_kernel_triton_without_gpu_is_one_clear_line(
+    tiny_data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(_train_args(tiny_data_dir, tmp_path / "run", "--kernel", "triton")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "--kernel triton" in err and "CUDA" in err, err
+    assert not (tmp_path / "run" / "run.json").exists()
+
+
+def test_train_records_the_kernel(tiny_data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(_train_args(tiny_data_dir, tmp_path / "run", "--kernel", "torch")) == 0
+    assert "kernel: torch (asked for)" in capsys.readouterr().out
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert (record["kernel"], record["kernel_reason"], record["train_config"]["kernel"]) == (
+        "torch", "asked for", "torch")
+
+
+# ---- CUDA: real launches, torch.compile ----
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_op_autograd_matches_reference(dtype: torch.dtype) -> None:
+    mean, log_sigma, eps, _, _ = _inputs(1024, 33, dtype, "cuda")
+    mean.requires_grad_(True)
+    log_sigma.requires_grad_(True)
+    z, kl = reparameterize_kl(mean, log_sigma, eps, kernel="triton")
+    (z.sum() + kl.sum()).backward()  # stride-0 gradients
+    ones = torch.ones_like(z), torch.ones_like(kl)
+    expected, terms = _reference(mean.detach(), log_sigma.detach(), eps, *ones)
+    for actual, want, scale in zip((z, kl, mean.grad, log_sigma.grad), expected, terms, strict=True):
+        assert _error(actual.detach(), want, scale) <= TOLERANCES[dtype]
+
+
+@needs_cuda
+def test_cuda_opcheck() -> None:
+    for op, args in _opcheck_cases("cuda"):
+        torch.library.opcheck(op, args)
+
+
+@needs_cuda
+def test_cuda_compile_traces_into_the_kernel_without_recompiling() -> None:
+    mean, log_sigma, _, _, _ = _inputs(1024, 32, torch.bfloat16, "cuda")
+    mean.requires_grad_(True)
+
+    def step(m: torch.Tensor, s: torch.Tensor, pair: torch.Tensor) -> torch.Tensor:
+        z, kl = reparameterize_kl_sampled(m, s, pair, kernel="triton")
+        return z.float().square().sum() + kl.sum()
+
+    compiled = torch.compile(step, fullgraph=True)  # fullgraph: a graph break is an error
+    for offset in (0, 1024 * 32):  # a new offset is a new tensor value, not a new graph
+        pair = torch.tensor([7, offset], device="cuda")
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            loss = compiled(mean, log_sigma, pair)
+        (grad,) = torch.autograd.grad(loss, mean)
+        eager_loss = step(mean, log_sigma, pair)
+        (eager_grad,) = torch.autograd.grad(eager_loss, mean)
+        torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=0)  # sums may be ordered differently
+        torch.testing.assert_close(grad, eager_grad)
+
+
+@needs_cuda
+def test_cuda_train_with_the_triton_kernel(tiny_data_dir: Path, tmp_path: Path) -> None:
+    assert main(_train_args(tiny_data_dir, tmp_path / "run", "--device", "cuda", "--kernel", "triton")) == 0
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["kernel"] == "triton"
