@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", choices=["fashion-mnist", "mnist"], help="dataset (default fashion-mnist)")
     train.add_argument("--data-dir", help="folder with the IDX files (default: the Debian package's folder)")
     train.add_argument("--epochs", type=int, help="total epochs of the run, counting resumed ones (default 10)")
-    train.add_argument("--batch-size", type=int, help="images per step (default 1024)")
+    train.add_argument("--batch-size", type=int,
+                       help="images per step, in all of torchrun's processes together (default 1024)")
     train.add_argument("--lr", type=float, help="Adam learning rate (default 2e-3)")
     train.add_argument("--z-dim", type=int, help="latent dimensions (default 32)")
     train.add_argument("--beta", type=float, help="weight of the KL term, beta-VAE (default 1.0)")
@@ -47,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", default="runs/fastvae", help="run folder (default runs/fastvae)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--sync-bn", action="store_true", default=None,
+                       help="under torchrun on CUDA: BatchNorm statistics over the global batch (SyncBatchNorm)")
+    train.add_argument("--dist-timeout", type=float,
+                       help="under torchrun: seconds to wait for the other processes, at start and in every "
+                            "collective, before giving up (default 300)")
 
     ev = sub.add_parser("eval", help="test-set negative ELBO and importance-weighted bound of a checkpoint")
     ev.add_argument("checkpoint", help="a run folder (or its model.safetensors)")
@@ -110,11 +116,13 @@ def _train_configs(args: argparse.Namespace):
 
 
 def _train(args: argparse.Namespace) -> int:
+    from fastvae.distributed import from_env
     from fastvae.train import train
 
     config, model_config = _train_configs(args)
     train(config, model_config, args.out, resume=args.resume, progress=not args.no_progress)
-    print(f"wrote {args.out}: model.safetensors, run.json, recon.png, samples.png")
+    if from_env().main:  # under torchrun, rank 0 alone writes
+        print(f"wrote {args.out}: model.safetensors, run.json, recon.png, samples.png")
     return 0
 
 

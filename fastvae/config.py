@@ -46,6 +46,8 @@ class TrainConfig:
     model: str = "fast"
     limit_train: int | None = None
     kernel: str = "auto"
+    sync_bn: bool = False
+    dist_timeout: float = 300.0
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -62,3 +64,5 @@ class TrainConfig:
             raise FastVAEError(f"--model must be 'fast' or 'reference', got {self.model!r}")
         if self.kernel not in ("auto", "triton", "torch"):
             raise FastVAEError(f"--kernel must be auto, triton or torch, got {self.kernel!r}")
+        if not self.dist_timeout > 0:
+            raise FastVAEError(f"--dist-timeout must be positive, got {self.dist_timeout}")

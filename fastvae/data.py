@@ -118,16 +118,20 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
 
 
 def shuffled_batches(
-    images: torch.Tensor, batch_size: int, generator: torch.Generator
+    images: torch.Tensor, batch_size: int, generator: torch.Generator, rank: int = 0, world_size: int = 1
 ) -> Iterator[torch.Tensor]:
-    """Float batches (batch_size, C, H, W) of one shuffled pass over `images` (on its device).
+    """Float batches (batch_size // world_size, C, H, W) of one shuffled pass over `images` (on its device):
+    rank `rank`'s consecutive slice of each global batch of `batch_size` (which world_size divides).
 
-    The last partial batch is dropped so every step has the same shape (one compiled graph); the
-    shuffle differs every epoch, so no image is left out for long.
+    Every rank draws the same permutation from an equally seeded `generator`, so the ranks' slices are
+    disjoint and together are the single-process batch. The last partial batch is dropped so every step has
+    the same shape (one compiled graph); the shuffle differs every epoch, so no image is left out for long.
     """
     order = torch.randperm(len(images), generator=generator).to(images.device)
+    local = batch_size // world_size
     for start in range(0, len(images) - batch_size + 1, batch_size):
-        yield to_float(images[order[start : start + batch_size]])
+        first = start + rank * local
+        yield to_float(images[order[first : first + local]])
 
 
 def ordered_batches(images: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:

@@ -1,4 +1,4 @@
-"""The training step and loop: compile, AMP, per-epoch checkpoints, exact resume.
+"""The training step and loop: compile, AMP, per-epoch checkpoints, exact resume, torchrun (fastvae.distributed).
 
 Randomness is derived from (--seed, epoch, purpose), so an epoch's shuffle and eps draws do not depend on
 what ran before it: resuming at an epoch boundary reproduces an uninterrupted run bit for bit.
@@ -16,10 +16,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fastvae import reference
+from fastvae import distributed, reference
 from fastvae.checkpoint import load_into, load_optimizer_state, load_record, load_weights, save_checkpoint
 from fastvae.config import ModelConfig, TrainConfig
 from fastvae.data import load_images, shuffled_batches, to_float
+from fastvae.distributed import Launch
 from fastvae.errors import FastVAEError
 from fastvae.evaluate import negative_elbo
 from fastvae.files import ensure_writable_dir, save_png
@@ -101,11 +102,13 @@ def make_loss_fn(model: torch.nn.Module, kind: str, beta: float, dtype: torch.dt
 
 def train_step(loss_fn: LossFn, images: torch.Tensor, eps: torch.Tensor, optimizer: torch.optim.Optimizer,
                scaler: torch.amp.GradScaler) -> float:
-    """One step: loss, backward, optimizer update. Returns the batch's loss; a non-finite one changes nothing."""
-    loss = loss_fn(images, eps)
-    value = loss.item()
+    """One step: loss, backward, optimizer update. Returns the global batch's loss (summed over torchrun's
+    processes, so all of them see it); a non-finite one changes nothing, on every process alike."""
+    loss = loss_fn(images, eps)  # this process's shard
+    value = distributed.all_reduce_sum(loss).item()
     if np.isfinite(value):
-        scaler.scale(loss).backward()
+        # DDP averages gradients over processes; the single-process loss is a sum over the global batch.
+        scaler.scale(loss * distributed.world_size()).backward()
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -116,10 +119,10 @@ class Trainer:
     """Owns the model, its compiled twin, the optimizer and the data of one run."""
 
     def __init__(self, config: TrainConfig, model_config: ModelConfig, out_dir: Path,
-                 log: Callable[[str], None] = print, progress: bool = True) -> None:
+                 log: Callable[[str], None] = print, progress: bool = True, launch: Launch = Launch()) -> None:
         self.config, self.model_config, self.out_dir, self.log = config, model_config, out_dir, log
-        self.progress = progress
-        self.device = resolve_device(config.device)
+        self.progress, self.launch = progress, launch
+        self.device = distributed.rank_device(resolve_device(config.device), launch)
         self.kernel, kernel_reason = resolve_train_kernel(config, self.device)
         log(f"kernel: {self.kernel} ({kernel_reason})")
         self.dtype = amp_dtype(self.device, config.amp, log)
@@ -140,15 +143,22 @@ class Trainer:
 
         torch.manual_seed(derived_seed(config.seed))
         self.model = build_model(config.model, model_config).to(self.device)
+        sampled = self.kernel == "triton"
+        # Keep the plain model for checkpoints; only the step function is compiled (under torchrun: the model
+        # inside DDP).
+        if launch.distributed:
+            wrapped = distributed.wrap(self.model, self.device, config.compile, config.sync_bn)
+            self.loss_fn = make_loss_fn(wrapped, config.model, config.beta, self.dtype, sampled=sampled)
+        else:
+            loss_fn = make_loss_fn(self.model, config.model, config.beta, self.dtype, sampled=sampled)
+            self.loss_fn = torch.compile(loss_fn, fullgraph=True) if config.compile else loss_fn
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype is torch.float16)
-        loss_fn = make_loss_fn(self.model, config.model, config.beta, self.dtype, sampled=self.kernel == "triton")
-        # Keep the plain model for checkpoints; only the step function is compiled.
-        self.loss_fn = torch.compile(loss_fn, fullgraph=True) if config.compile else loss_fn
         self.record: dict[str, Any] = {
             "model_config": asdict(model_config), "train_config": asdict(config),
-            "device": str(self.device), "amp_dtype": str(self.dtype).replace("torch.", "") if self.dtype
-            else None, "kernel": self.kernel, "kernel_reason": kernel_reason, "epochs_done": 0, "epochs": [],
+            "device": str(self.device), "world_size": launch.world_size,
+            "amp_dtype": str(self.dtype).replace("torch.", "") if self.dtype else None,
+            "kernel": self.kernel, "kernel_reason": kernel_reason, "epochs_done": 0, "epochs": [],
         }
 
     def resume(self) -> None:
@@ -180,14 +190,20 @@ class Trainer:
         bar = tqdm(total=steps, desc=f"epoch {epoch}/{config.epochs}", unit="step",
                    disable=not self.progress, leave=False)
         loss_sum, first_step_s, start = 0.0, None, time.perf_counter()
-        for step, images in enumerate(shuffled_batches(self.train_images, config.batch_size, shuffle), 1):
+        launch, z_dim = self.launch, self.model_config.z_dim
+        local = config.batch_size // launch.world_size
+        rows = slice(launch.rank * local, (launch.rank + 1) * local)  # this process's rows of a global batch
+        batches = shuffled_batches(self.train_images, config.batch_size, shuffle, launch.rank, launch.world_size)
+        for step, images in enumerate(batches, 1):
             if self.kernel == "triton":
                 # The kernel draws eps from Philox counters offset + row * Z + col: an offset of B * Z per
-                # step gives every step and row of the epoch its own counters (see kernels/reparameterize_kl).
-                offset = (step - 1) * config.batch_size * self.model_config.z_dim
+                # step gives every step and row of the epoch its own counters (see kernels/reparameterize_kl),
+                # and starting at global row rows.start gives each process the single-process rows' eps.
+                offset = ((step - 1) * config.batch_size + rows.start) * z_dim
                 eps = torch.tensor([eps_seed, offset], device=self.device)
             else:
-                eps = torch.randn((len(images), self.model_config.z_dim), generator=eps_gen, device=self.device)
+                # Every process draws the global (B, Z) eps and keeps its rows: the single-process draw.
+                eps = torch.randn((config.batch_size, z_dim), generator=eps_gen, device=self.device)[rows]
             value = train_step(self.loss_fn, images, eps, self.optimizer, self.scaler)
             if not np.isfinite(value):
                 bar.close()
@@ -200,7 +216,7 @@ class Trainer:
                 first_step_s = time.perf_counter() - start
                 steady_start, steady_images = time.perf_counter(), 0
             else:
-                steady_images += len(images)
+                steady_images += config.batch_size  # global images/s: the processes step in lockstep
             elapsed = time.perf_counter() - steady_start
             bar.set_postfix(loss=f"{loss_sum / (step * config.batch_size):.2f}",
                             img_s=f"{steady_images / elapsed:.0f}" if elapsed > 0 else "-")
@@ -243,27 +259,41 @@ class Trainer:
             return self.record
         for epoch in range(start_epoch, config.epochs + 1):
             metrics = self.train_epoch(epoch)
-            metrics["test_neg_elbo"] = negative_elbo(
-                self.fast_model(), self.test_images, generator(config.seed, 0, _EVAL, device=self.device)
-            )
+            if self.launch.main:  # rank 0 alone evaluates and writes; the others wait at the barrier below
+                metrics["test_neg_elbo"] = negative_elbo(
+                    self.fast_model(), self.test_images, generator(config.seed, 0, _EVAL, device=self.device)
+                )
             self.record["epochs"].append({"epoch": epoch, **metrics})
             self.record["epochs_done"] = epoch
-            self.save()
-            first = f", first step {metrics['first_step_s']:.1f} s" + (" incl. compile" if config.compile else "")
-            self.log(
-                f"epoch {epoch}/{config.epochs}: train loss {metrics['train_loss']:.2f}, test -ELBO "
-                f"{metrics['test_neg_elbo']:.2f} nats/image, {metrics['images_per_s']:.0f} images/s{first}"
-            )
+            if self.launch.main:
+                self.save()
+                first = f", first step {metrics['first_step_s']:.1f} s" + (" incl. compile" if config.compile else "")
+                self.log(
+                    f"epoch {epoch}/{config.epochs}: train loss {metrics['train_loss']:.2f}, test -ELBO "
+                    f"{metrics['test_neg_elbo']:.2f} nats/image, {metrics['images_per_s']:.0f} images/s{first}"
+                )
+            distributed.barrier()
         return self.record
 
 
 def train(config: TrainConfig, model_config: ModelConfig, out: str | Path, resume: bool = False,
           log: Callable[[str], None] = print, progress: bool = True) -> dict[str, Any]:
-    """Train (or resume) a run in folder `out`; returns the run record (also in out/run.json)."""
-    out_dir = ensure_writable_dir(out)
-    if not resume and (out_dir / "run.json").exists():
-        raise FastVAEError(f"{out_dir} already holds a run: pass --resume to continue it, or choose another --out")
-    trainer = Trainer(config, model_config, out_dir, log, progress)
-    if resume:
-        trainer.resume()
-    return trainer.fit()
+    """Train (or resume) a run in folder `out`; returns the run record (also in out/run.json).
+
+    Under torchrun every process runs this; each trains on its shard of every batch, and rank 0 alone logs and
+    writes `out` (every process reads it to resume).
+    """
+    launch = distributed.from_env()
+    device = distributed.rank_device(resolve_device(config.device), launch)
+    distributed.check_options(config, launch, device)
+    if launch.main:
+        out_dir = ensure_writable_dir(out)
+        if not resume and (out_dir / "run.json").exists():
+            raise FastVAEError(f"{out_dir} already holds a run: pass --resume to continue it, or choose another --out")
+    else:
+        out_dir, log, progress = Path(out), lambda _: None, False
+    with distributed.process_group(launch, device, config.dist_timeout):
+        trainer = Trainer(config, model_config, out_dir, log, progress, launch)
+        if resume:
+            trainer.resume()
+        return trainer.fit()
