@@ -1,0 +1,53 @@
+"""Peak memory of training steps for one path, measured in a fresh process (CPU) or by the CUDA allocator.
+
+On the CPU no allocator counts torch's tensors, so a child process reports its peak resident set size over
+a few steps minus its resident size just before them. Run directly: python -m bench.memory PATH
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+STEPS = 3
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def measure(path: str, batch_size: int) -> dict[str, float]:
+    """Run STEPS training steps of `path` (a key of bench_train_step.PATHS) in this process."""
+    from bench.bench_train_step import make_step
+
+    step = make_step(path, batch_size, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    step()  # the first step compiles and allocates the optimizer state
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        for _ in range(STEPS):
+            step()
+        return {"peak_step_memory_mb": (torch.cuda.max_memory_allocated() - before) / 2**20, "kind": "cuda"}
+    before = _rss_bytes()
+    for _ in range(STEPS):
+        step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+    return {"peak_step_memory_mb": max(0, peak - before) / 2**20, "kind": "cpu-rss"}
+
+
+def measure_in_child(path: str, batch_size: int) -> dict[str, float]:
+    """`measure` in a fresh interpreter, so other paths' peaks do not count."""
+    result = subprocess.run([sys.executable, "-m", "bench.memory", path, str(batch_size)], capture_output=True,
+                            text=True, check=True, cwd=Path(__file__).parents[1])
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    print(json.dumps(measure(sys.argv[1], int(sys.argv[2]))))
