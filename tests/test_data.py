@@ -99,3 +99,15 @@ def test_ordered_batches_keep_the_partial_batch() -> None:
 def test_real_fashion_mnist() -> None:
     test = load_images("fashion-mnist", "test")
     assert test.shape == (10000, 1, 28, 28)
+
+
+def test_mnist_without_network_names_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchvision.datasets
+
+    def offline(*args, **kwargs):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(data, "MNIST_CACHE_DIR", tmp_path)
+    monkeypatch.setattr(torchvision.datasets, "MNIST", offline)
+    with pytest.raises(FastVAEError, match="download failed.*--data-dir"):
+        load_images("mnist", "train")
