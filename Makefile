@@ -21,8 +21,9 @@ $(FASHION_MNIST):
 	@if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	$$SUDO apt-get update -q && $$SUDO apt-get install -y -q dataset-fashion-mnist
 
+# A new folder per run, so a second `make demo` never meets the first one's checkpoint.
 demo: install data
-	$(BIN)/fastvae train --epochs 2 --out runs/demo
+	$(BIN)/fastvae train --epochs 2 --out runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 test: install data
 	$(BIN)/python -m pytest -q tests bench --benchmark-disable
@@ -36,3 +37,9 @@ quality: install data
 	$(BIN)/fastvae train --epochs 10 --no-progress --out runs/quality-fast
 	$(BIN)/fastvae eval runs/quality-reference --k 1000 --limit 1000
 	$(BIN)/fastvae eval runs/quality-fast --k 1000 --limit 1000
+
+# The benchmark suite with timings; the table and chart land in results/.
+bench: install data
+	mkdir -p results
+	$(BIN)/python -m pytest bench --benchmark-json results/bench.json
+	$(BIN)/python -m bench.report results/bench.json --png results/bench.png | tee results/bench.md
