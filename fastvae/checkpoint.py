@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import io
 import json
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -27,6 +31,26 @@ RECORD = "run.json"
 FORMAT = "fastvae-1"
 
 
+@contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM (Ctrl-C, torchrun stopping a job) until the block ends, then deliver them.
+
+    Python handlers, not a signal mask: torch's worker threads would take a masked process-wide signal.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # handlers can only be changed from the main thread
+        return
+    received: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, _: received.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in received:
+            signal.raise_signal(signum)
+
+
 def save_checkpoint(
     out_dir: Path, model: torch.nn.Module, config: ModelConfig, record: dict[str, Any],
     optimizer_state: dict[str, Any],
@@ -36,10 +60,12 @@ def save_checkpoint(
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     metadata = {"format": FORMAT, "model_config": json.dumps(asdict(config)), "epoch": epoch}
     weights = save_safetensors(tensors, metadata=metadata)
-    atomic_write(out_dir / WEIGHTS, lambda f: f.write(weights))
-    atomic_write(out_dir / OPTIMIZER, lambda f: torch.save({**optimizer_state, "epoch": epoch}, f))
     text = json.dumps(record, indent=2).encode()
-    atomic_write(out_dir / RECORD, lambda f: f.write(text))
+    # Each file is atomic; deferring interrupts keeps the three of them one epoch's set as well.
+    with _interrupts_deferred():
+        atomic_write(out_dir / WEIGHTS, lambda f: f.write(weights))
+        atomic_write(out_dir / OPTIMIZER, lambda f: torch.save({**optimizer_state, "epoch": epoch}, f))
+        atomic_write(out_dir / RECORD, lambda f: f.write(text))
 
 
 def _weights_path(path: Path) -> Path:

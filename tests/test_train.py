@@ -121,3 +121,28 @@ def test_iwae_matches_a_direct_computation(tiny_data_dir: Path) -> None:
             log_w = log_px.flatten(1).sum(1) + Normal(0.0, 1.0).log_prob(z).sum(1) - q.log_prob(z).sum(1)
             expected.append(-(torch.logsumexp(log_w, 0) - math.log(k)))
     assert bound == pytest.approx(torch.stack(expected).mean().item(), rel=1e-5)
+
+
+def test_interrupt_during_save_waits_for_a_whole_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM (torchrun stopping a job) or Ctrl-C mid-save is delivered only after all three files are written."""
+    import os
+    import signal
+
+    from fastvae import checkpoint
+
+    seen: list[set[str]] = []
+    previous = signal.signal(signal.SIGTERM, lambda *_: seen.append({p.name for p in tmp_path.iterdir()}))
+    real_write = checkpoint.atomic_write
+
+    def write_then_interrupt(path, write):
+        real_write(path, write)
+        if path.name == checkpoint.WEIGHTS:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(checkpoint, "atomic_write", write_then_interrupt)
+    try:
+        record = {"epochs_done": 1, "epochs": []}
+        checkpoint.save_checkpoint(tmp_path, VAE(), ModelConfig(), record, {"optimizer": {}})
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert seen == [{checkpoint.WEIGHTS, checkpoint.OPTIMIZER, checkpoint.RECORD}]
