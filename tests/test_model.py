@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -22,6 +25,62 @@ def _bias_before_batchnorm(model: torch.nn.Module) -> set[str]:
     return names
 
 
+@contextmanager
+def _kink_sides(model: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Record, for every (Leaky)ReLU input element of a forward pass, which side of the kink at 0 it is on."""
+    sides: list[torch.Tensor] = []
+    hooks = [m.register_forward_pre_hook(lambda _, args: sides.append(args[0].detach() > 0))
+             for m in model.modules() if isinstance(m, (torch.nn.ReLU, torch.nn.LeakyReLU))]
+    try:
+        yield sides
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def _inputs_off_kinks(ref: torch.nn.Module, fast: torch.nn.Module, batch: int, im_chan: int,
+                      z_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fresh images and eps on which both models put every ReLU input on the same side of 0.
+
+    ReLU's gradient jumps at 0. An element within fp32 rounding of 0 can land on either side in two summation
+    orders, and the gradients then differ there by O(1): legitimately, for both fp32 paths differ as much from
+    the reference in float64 (measured: ~1 draw in 12 at B=64, 3 channels). Such draws are redrawn.
+    """
+    for _ in range(10):
+        images, eps = torch.rand(batch, im_chan, 28, 28), torch.randn(batch, z_dim)
+        dtype = next(ref.parameters()).dtype
+        with torch.no_grad(), _kink_sides(ref) as ref_sides, _kink_sides(fast) as fast_sides:
+            ref(images.to(dtype), eps.to(dtype))
+            fast(images, eps)
+        assert len(ref_sides) == len(fast_sides) > 0
+        if all(torch.equal(a, b) for a, b in zip(ref_sides, fast_sides, strict=True)):
+            return images, eps
+    pytest.fail("10 draws in a row put a ReLU input on different sides of 0 in the two models")
+
+
+def _assert_gradients_match(grads: dict[str, torch.nn.Parameter], ref: torch.nn.Module) -> None:
+    """Gradients of the fast model (`grads`, fp32) against the reference's (`ref`, float64)."""
+    tol = TOLERANCES[torch.float32]
+    scale = max(p.grad.abs().max() for p in ref.parameters())
+    zero_grad = _bias_before_batchnorm(ref)
+    assert zero_grad, "the lab's blocks put BatchNorm after each conv but the last"
+    layers: dict[str, list[str]] = {}
+    for name in grads:
+        if name in zero_grad:
+            # Rounding noise around an exact 0 (float64's is far smaller); compare with the model's gradients.
+            assert grads[name].grad.abs().max() <= tol * scale, name
+        else:
+            layers.setdefault(name.rsplit(".", 1)[0], []).append(name)
+    # One relative error per layer (weight and bias together): a bias gradient alone is a sum over the batch
+    # and every pixel that can cancel to a small value (the output bias's: sum of sigmoid - x), and then
+    # carries the fp32 rounding of its large terms: measured 1e-5 relative in both fp32 paths, vs float64.
+    ref_grads = dict(ref.named_parameters())
+    for layer, names in layers.items():
+        fast_grad = torch.cat([grads[n].grad.flatten() for n in names])
+        ref_grad = torch.cat([ref_grads[n].grad.flatten() for n in names])
+        assert relative_error(fast_grad, ref_grad) <= tol, layer
+
+
 def _pair(config: ModelConfig = ModelConfig()) -> tuple[reference.VAE, VAE]:
     ref = reference.VAE(config)
     fast = VAE(config)
@@ -31,13 +90,19 @@ def _pair(config: ModelConfig = ModelConfig()) -> tuple[reference.VAE, VAE]:
 
 @pytest.mark.parametrize("batch, z_dim, im_chan, beta", [(1, 32, 1, 1.0), (7, 20, 1, 4.0), (64, 33, 3, 0.5)], ids=str)
 def test_loss_and_gradients_match_reference(batch: int, z_dim: int, im_chan: int, beta: float) -> None:
+    """The fast model in fp32 against the lab's model evaluated in float64, the function's exact value.
+
+    Against the lab's model in fp32 the comparison would also measure that model's own rounding: Sigmoid +
+    BCELoss loses precision where the sigmoid saturates (log(1 - s) of a rounded s, clamped at -100), and
+    sums that cancel (the output bias's gradient) amplify either side's rounding.
+    """
     config = ModelConfig(z_dim=z_dim, im_chan=im_chan)
     ref, fast = _pair(config)
-    images = torch.rand(batch, im_chan, 28, 28)
-    eps = torch.randn(batch, z_dim)
+    ref = ref.double()
+    images, eps = _inputs_off_kinks(ref, fast, batch, im_chan, z_dim)
 
-    recon, q_dist = ref(images, eps)
-    ref_loss = reference.loss(recon, images, q_dist, beta)
+    recon, q_dist = ref(images.double(), eps.double())
+    ref_loss = reference.loss(recon, images.double(), q_dist, beta)
     logits, mean, log_sigma, kl = fast(images, eps)
     fast_loss = vae_loss(logits, images, kl, beta)
     ref_loss.backward()
@@ -48,16 +113,7 @@ def test_loss_and_gradients_match_reference(batch: int, z_dim: int, im_chan: int
     assert relative_error(torch.sigmoid(logits), recon) <= tol
     assert relative_error(mean, q_dist.mean) <= tol
     assert relative_error(log_sigma.exp(), q_dist.stddev) <= tol
-    grads = dict(fast.named_parameters())
-    scale = max(p.grad.abs().max() for p in ref.parameters())
-    zero_grad = _bias_before_batchnorm(ref)
-    assert zero_grad, "the lab's blocks put BatchNorm after each conv but the last"
-    for name, p in ref.named_parameters():
-        if name in zero_grad:
-            # Both are rounding noise around an exact 0; compare their size with the model's gradients.
-            assert p.grad.abs().max() <= tol * scale and grads[name].grad.abs().max() <= tol * scale, name
-        else:
-            assert relative_error(grads[name].grad, p.grad) <= tol, name
+    _assert_gradients_match(dict(fast.named_parameters()), ref)
 
 
 def test_state_dict_moves_both_ways() -> None:
@@ -95,9 +151,12 @@ def test_bf16_autocast_loss_close_to_reference() -> None:
     assert relative_error(loss, reference.loss(recon, images, q_dist)) <= TOLERANCES[torch.bfloat16]
 
 
-def test_compiled_loss_and_gradients_match_eager() -> None:
+def test_compiled_loss_and_gradients_match_reference() -> None:
     ref, fast = _pair()
-    images, eps = torch.rand(4, 1, 28, 28), torch.randn(4, 32)
+    ref = ref.double()
+    # NOTE: inductor's fused kernels round differently from eager, so a ReLU input within rounding of 0 could
+    # still flip in the compiled graph; at B=4 (43k such inputs) the odds are ~0.3% a run.
+    images, eps = _inputs_off_kinks(ref, fast, 4, 1, 32)
 
     def loss_fn(images: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         logits, _, _, kl = fast(images, eps)
@@ -105,16 +164,11 @@ def test_compiled_loss_and_gradients_match_eager() -> None:
 
     compiled_loss = torch.compile(loss_fn, fullgraph=True)(images, eps)
     compiled_loss.backward()
-    compiled_grads = {n: p.grad.clone() for n, p in fast.named_parameters()}
-    recon, q_dist = ref(images, eps)
-    ref_loss = reference.loss(recon, images, q_dist)
+    recon, q_dist = ref(images.double(), eps.double())
+    ref_loss = reference.loss(recon, images.double(), q_dist)
     ref_loss.backward()
-    tol = TOLERANCES[torch.float32]
-    assert relative_error(compiled_loss, ref_loss) <= tol
-    zero_grad = _bias_before_batchnorm(ref)
-    for name, p in ref.named_parameters():
-        if name not in zero_grad:
-            assert relative_error(compiled_grads[name], p.grad) <= tol, name
+    assert relative_error(compiled_loss, ref_loss) <= TOLERANCES[torch.float32]
+    _assert_gradients_match(dict(fast.named_parameters()), ref)
 
 
 def test_other_image_sizes_fail_clearly() -> None:
