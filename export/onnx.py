@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 import fastvae
-from fastvae.checkpoint import load_into, load_weights
+from fastvae.checkpoint import load_model
 from fastvae.config import ModelConfig
 from fastvae.errors import FastVAEError
 from fastvae.export.verify import TOLERANCE, random_inputs, verify_onnx
@@ -143,9 +143,8 @@ def export_onnx(out: str | Path, checkpoint: str | Path, part: str = "decoder", 
     (None with verify=False). `out` is replaced atomically, and only after verification passed."""
     out = Path(out)
     ensure_writable_dir(out.parent)
-    config, state, epoch = load_weights(checkpoint)
-    model = VAE(config)
-    load_into(model, state, checkpoint)
+    model, epoch = load_model(checkpoint)
+    config = model.config
     model.eval()
     proto = export_part(model, part, fp16=fp16, opset=opset)
     inputs, outputs = describe(part, config)

@@ -24,6 +24,7 @@ from safetensors.torch import save as save_safetensors
 from fastvae.config import ModelConfig
 from fastvae.errors import FastVAEError
 from fastvae.files import atomic_write
+from fastvae.model import VAE
 
 WEIGHTS = "model.safetensors"
 OPTIMIZER = "optimizer.pt"
@@ -109,6 +110,14 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: st
             f"shape mismatches {shapes[:3]}"
         )
     model.load_state_dict(state)
+
+
+def load_model(path: str | Path) -> tuple[VAE, int]:
+    """The fast model (on the CPU, training mode) holding a checkpoint's weights, and its epochs trained."""
+    config, state, epoch = load_weights(path)
+    model = VAE(config)
+    load_into(model, state, path)
+    return model, epoch
 
 
 def load_record(out_dir: Path) -> dict[str, Any]:

@@ -127,17 +127,15 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-
-    from fastvae.checkpoint import load_into, load_weights
+    from fastvae.checkpoint import load_model
     from fastvae.data import load_images
     from fastvae.evaluate import importance_weighted_bound, negative_elbo
-    from fastvae.model import VAE
     from fastvae.train import generator, resolve_device
 
     device = resolve_device(args.device)
-    config, state, epoch = load_weights(args.checkpoint)
-    model = VAE(config).to(device)
-    load_into(model, state, args.checkpoint)
+    model, epoch = load_model(args.checkpoint)
+    model.to(device)
+    config = model.config
     images = load_images(args.data, "test", args.data_dir)
     if images.shape[1:] != (config.im_chan, config.image_size, config.image_size):
         raise FastVAEError(f"{args.data} images are {tuple(images.shape[1:])}; the checkpoint expects "
