@@ -197,16 +197,23 @@ def _reconstruct(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_error(line: str) -> None:
+    # One write of the whole line: under torchrun every process shares stderr, and print's separate write of
+    # the newline let two processes' errors run together on one line.
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         commands = {"train": _train, "eval": _eval, "export": _export, "sample": _sample, "reconstruct": _reconstruct}
         return commands[args.command](args)
     except FastVAEError as e:
-        print(f"fastvae {args.command}: error: {e}", file=sys.stderr)
+        _print_error(f"fastvae {args.command}: error: {e}")
         return 2
     except KeyboardInterrupt:
-        print(f"fastvae {args.command}: interrupted; files already written are intact", file=sys.stderr)
+        _print_error(f"fastvae {args.command}: interrupted; files already written are intact")
         return 130
 
 
