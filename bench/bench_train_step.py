@@ -1,10 +1,16 @@
-"""Training step (forward + backward + Adam) at batch 1024 on real Fashion-MNIST, every path side by side."""
+"""Training step (forward + backward + Adam) at batch 1024 on real Fashion-MNIST, every path side by side.
+
+`fastvae train` on the CPU makes glibc keep freed memory (fastvae/malloc.py), which speeds up the lab's code
+too; the rows with "system-malloc" / "cached-malloc" separate that gain from the model's own. The reference row
+runs first, with glibc's defaults, as the lab's code runs in a plain process.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -14,21 +20,37 @@ from bench.memory import measure_in_child
 from fastvae.config import ModelConfig
 from fastvae.data import FASHION_MNIST_DIR, load_images, to_float
 from fastvae.flops import train_step_flops
+from fastvae.malloc import keep_freed_memory, return_freed_memory
 from fastvae.train import build_model, make_loss_fn, train_step
 
 BATCH = 1024
-PATHS = {  # name: (model, compile, amp)
-    "reference-eager": ("reference", False, False),
-    "fastvae-eager": ("fast", False, False),
-    "fastvae-amp": ("fast", False, True),
-    "fastvae-compile": ("fast", True, False),
-    "fastvae-compile-amp": ("fast", True, True),
+PATHS = {  # name: (model, compile, amp, CPU allocator)
+    "reference-eager": ("reference", False, False, "system"),
+    "reference-eager-cached-malloc": ("reference", False, False, "cached"),
+    "fastvae-eager-system-malloc": ("fast", False, False, "system"),
+    "fastvae-eager": ("fast", False, False, "cached"),
+    "fastvae-amp": ("fast", False, True, "cached"),
+    "fastvae-compile": ("fast", True, False, "cached"),
+    "fastvae-compile-amp": ("fast", True, True, "cached"),
 }
+
+
+@contextlib.contextmanager
+def cpu_allocator(path: str, device: torch.device) -> Iterator[None]:
+    """The glibc malloc setting `path` trains with, for the duration of the block."""
+    if device.type != "cpu" or PATHS[path][3] != "cached":
+        yield
+        return
+    keep_freed_memory()
+    try:
+        yield
+    finally:
+        return_freed_memory()
 
 
 def make_step(path: str, batch_size: int, device: torch.device) -> Callable[[], float]:
     """One training step of `path` on a fixed batch of real images, as `fastvae train` runs it."""
-    kind, compiled, amp = PATHS[path]
+    kind, compiled, amp, _ = PATHS[path]
     torch.manual_seed(0)
     config = ModelConfig()
     images = to_float(load_images("fashion-mnist", "train")[:batch_size]).to(device)
@@ -53,15 +75,18 @@ def _needs_fashion_mnist() -> None:
 @pytest.mark.parametrize("path", list(PATHS))
 def test_train_step(benchmark, path: str, matmul_gflops: float, machine: dict) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    step = make_step(path, BATCH, device)
-    start = time.perf_counter()
-    step()  # the first step compiles: timed on its own
-    first_step_s = time.perf_counter() - start
+    with cpu_allocator(path, device):
+        step = make_step(path, BATCH, device)
+        start = time.perf_counter()
+        step()  # the first step compiles: timed on its own
+        first_step_s = time.perf_counter() - start
 
-    benchmark.group = f"train-step batch {BATCH}"
-    benchmark.pedantic(step, rounds=10, warmup_rounds=1)
+        benchmark.group = f"train-step batch {BATCH}"
+        benchmark.pedantic(step, rounds=10, warmup_rounds=1)
+        del step  # its tensors go back while this path's allocator setting holds
     # A fresh process per path; compiled paths would compile again, so they are measured only for real runs.
     memory = {} if benchmark.disabled and PATHS[path][1] else measure_in_child(path, BATCH)
+    _, _, amp, allocator = PATHS[path]
     record_throughput(benchmark, flops=train_step_flops() * BATCH, items=BATCH, ceiling=matmul_gflops,
-                      path=path, first_step_s=round(first_step_s, 2), dtype="bf16" if PATHS[path][2] else "fp32",
-                      device=str(device), **memory, **machine)
+                      path=path, first_step_s=round(first_step_s, 2), dtype="bf16" if amp else "fp32",
+                      cpu_allocator=allocator, device=str(device), **memory, **machine)

@@ -10,6 +10,7 @@ import json
 import resource
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -24,9 +25,14 @@ def _rss_bytes() -> int:
 
 def measure(path: str, batch_size: int) -> dict[str, float]:
     """Run STEPS training steps of `path` (a key of bench_train_step.PATHS) in this process."""
-    from bench.bench_train_step import make_step
+    from bench.bench_train_step import cpu_allocator, make_step
 
-    step = make_step(path, batch_size, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with cpu_allocator(path, device):
+        return _measure(make_step(path, batch_size, device))
+
+
+def _measure(step: Callable[[], float]) -> dict[str, float]:
     step()  # the first step compiles and allocates the optimizer state
     if torch.cuda.is_available():
         torch.cuda.synchronize()

@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument("--sync-bn", action="store_true", default=None,
                        help="under torchrun on CUDA: BatchNorm statistics over the global batch (SyncBatchNorm)")
+    train.add_argument("--cpu-allocator", choices=["cached", "system"],
+                       help="cached (default): glibc keeps freed memory for the next step, ~1.4x faster CPU steps "
+                            "at the cost of holding the peak heap; system: glibc's defaults")
     train.add_argument("--dist-timeout", type=float,
                        help="under torchrun: seconds to wait for the other processes, at start and in every "
                             "collective, before giving up (default 300)")

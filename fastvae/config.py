@@ -48,6 +48,7 @@ class TrainConfig:
     kernel: str = "auto"
     sync_bn: bool = False
     dist_timeout: float = 300.0
+    cpu_allocator: str = "cached"
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -64,5 +65,7 @@ class TrainConfig:
             raise FastVAEError(f"--model must be 'fast' or 'reference', got {self.model!r}")
         if self.kernel not in ("auto", "triton", "torch"):
             raise FastVAEError(f"--kernel must be auto, triton or torch, got {self.kernel!r}")
+        if self.cpu_allocator not in ("cached", "system"):
+            raise FastVAEError(f"--cpu-allocator must be cached or system, got {self.cpu_allocator!r}")
         if not self.dist_timeout > 0:
             raise FastVAEError(f"--dist-timeout must be positive, got {self.dist_timeout}")

@@ -1,5 +1,8 @@
 """The fast VAE: the lab's function with a logits decoder, the fused reparameterize+KL op and cheaper layers.
 
+Cheaper layers: the first decoder layer is a matrix product, the other three decoder layers and the encoder's
+last one are convolutions written as one matmul per pass (`fastvae.conv_as_matmul`), and activations stay
+channels_last. An exported graph keeps the standard Conv/ConvTranspose ops, which onnxruntime runs itself.
 Parameter names and shapes equal `fastvae.reference.VAE`'s, so one state dict loads into either.
 """
 
@@ -10,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastvae.config import ModelConfig
+from fastvae.conv_as_matmul import conv2d_as_matmul, conv_transpose2d_as_matmul
 from fastvae.kernels import reparameterize_kl, reparameterize_kl_sampled
 
 
@@ -42,7 +46,10 @@ class Encoder(nn.Module):
         )
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        encoding = self.disc(images).flatten(1)  # (B, 2Z); flatten keeps the batch dim dynamic at export
+        x = self.disc[1](self.disc[0](images))
+        last = self.disc[2][0]
+        encoding = last(x) if torch.compiler.is_exporting() else conv2d_as_matmul(x, last)
+        encoding = encoding.flatten(1)  # (B, 2Z); flatten keeps the batch dim dynamic at export
         return encoding[:, : self.z_dim], encoding[:, self.z_dim :]
 
 
@@ -66,7 +73,12 @@ class Decoder(nn.Module):
         x = (z @ first.weight.flatten(1)).view(-1, *first.weight.shape[1:]) + first.bias.view(1, -1, 1, 1)
         x = x.contiguous(memory_format=torch.channels_last)
         x = self.gen[0][2](self.gen[0][1](x))
-        return self.gen[1:](x)
+        for block in self.gen[1:]:
+            # The exported graph keeps the standard ConvTranspose op: onnxruntime has its own fast kernels.
+            conv = block[0]
+            x = conv(x) if torch.compiler.is_exporting() else conv_transpose2d_as_matmul(x, conv)
+            x = block[1:](x)
+        return x
 
 
 class VAE(nn.Module):

@@ -25,6 +25,7 @@ from fastvae.errors import FastVAEError
 from fastvae.evaluate import negative_elbo
 from fastvae.files import ensure_writable_dir, save_png
 from fastvae.kernels import resolve_kernel
+from fastvae.malloc import keep_freed_memory
 from fastvae.model import VAE, vae_loss
 
 _SHUFFLE, _EPS, _EVAL, _SAMPLES = range(4)
@@ -125,6 +126,8 @@ class Trainer:
         self.device = distributed.rank_device(resolve_device(config.device), launch)
         self.kernel, kernel_reason = resolve_train_kernel(config, self.device)
         log(f"kernel: {self.kernel} ({kernel_reason})")
+        if self.device.type == "cpu" and config.cpu_allocator == "cached":
+            log(keep_freed_memory())
         self.dtype = amp_dtype(self.device, config.amp, log)
         train_images = load_images(config.data, "train", config.data_dir)
         self.test_images = load_images(config.data, "test", config.data_dir).to(self.device)
