@@ -53,4 +53,11 @@ def return_freed_memory() -> None:
         libc.mallopt(_M_MMAP_MAX, 65536)
         libc.mallopt(_M_MMAP_THRESHOLD, 32 * _MIB)
         libc.mallopt(_M_TRIM_THRESHOLD, 64 * _MIB)
+    trim()
+
+
+def trim() -> None:
+    """Hand the memory malloc holds but nothing uses back to the system (a memory probe's baseline)."""
+    libc = _glibc()
+    if libc is not None:
         libc.malloc_trim(0)
