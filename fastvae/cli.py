@@ -11,6 +11,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from fastvae.errors import FastVAEError
+from fastvae.malloc import ALLOCATORS
 
 # Options a resumed run must keep, so that it continues the same function and random streams.
 _FIXED_ON_RESUME = ("data", "batch_size", "lr", "beta", "seed", "model", "limit_train")
@@ -50,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument("--sync-bn", action="store_true", default=None,
                        help="under torchrun on CUDA: BatchNorm statistics over the global batch (SyncBatchNorm)")
-    train.add_argument("--cpu-allocator", choices=["cached", "system"],
+    train.add_argument("--cpu-allocator", choices=ALLOCATORS,
                        help="cached (default): glibc keeps freed memory for the next step, ~1.4x faster CPU steps "
                             "at the cost of holding the peak heap; system: glibc's defaults")
     train.add_argument("--dist-timeout", type=float,

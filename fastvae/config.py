@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fastvae.errors import FastVAEError
+from fastvae.malloc import ALLOCATORS
 
 # The lab's layers map 28x28 to a 1x1 code and back; they are not size-generic.
 SUPPORTED_IMAGE_SIZE = 28
@@ -65,7 +66,7 @@ class TrainConfig:
             raise FastVAEError(f"--model must be 'fast' or 'reference', got {self.model!r}")
         if self.kernel not in ("auto", "triton", "torch"):
             raise FastVAEError(f"--kernel must be auto, triton or torch, got {self.kernel!r}")
-        if self.cpu_allocator not in ("cached", "system"):
-            raise FastVAEError(f"--cpu-allocator must be cached or system, got {self.cpu_allocator!r}")
+        if self.cpu_allocator not in ALLOCATORS:
+            raise FastVAEError(f"--cpu-allocator must be {' or '.join(ALLOCATORS)}, got {self.cpu_allocator!r}")
         if not self.dist_timeout > 0:
             raise FastVAEError(f"--dist-timeout must be positive, got {self.dist_timeout}")

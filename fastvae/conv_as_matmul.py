@@ -14,6 +14,8 @@ ran at a third of the eager speed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn as nn
 from torch.library import custom_op
@@ -62,6 +64,12 @@ def _conv_out_hw(x: torch.Tensor, weight: torch.Tensor, stride: int) -> tuple[in
     return (x.shape[2] - kernel) // stride + 1, (x.shape[3] - kernel) // stride + 1
 
 
+def _fake_grads(x: torch.Tensor, weight: torch.Tensor, out_channels: int) -> tuple[torch.Tensor, ...]:
+    """What both backward ops return: grad x (channels_last), grad weight, grad bias (fp32)."""
+    grad_x = x.new_empty(x.shape[0], *x.shape[2:], x.shape[1]).permute(0, 3, 1, 2)
+    return grad_x, torch.empty_like(weight), x.new_empty(out_channels, dtype=torch.float32)
+
+
 @custom_op("fastvae::conv_transpose2d_as_matmul", mutates_args=())
 def _conv_transpose2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride: int) -> torch.Tensor:
     x_nhwc = _nhwc(x)  # (B, H, W, Ci)
@@ -98,8 +106,7 @@ def _conv_transpose2d_backward(
 
 @_conv_transpose2d_backward.register_fake
 def _(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: int) -> tuple[torch.Tensor, ...]:
-    return (x.new_empty(x.shape[0], *x.shape[2:], x.shape[1]).permute(0, 3, 1, 2), torch.empty_like(weight),
-            x.new_empty(weight.shape[1], dtype=torch.float32))
+    return _fake_grads(x, weight, out_channels=weight.shape[1])
 
 
 @custom_op("fastvae::conv2d_as_matmul", mutates_args=())
@@ -136,8 +143,7 @@ def _conv2d_backward(
 
 @_conv2d_backward.register_fake
 def _(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: int) -> tuple[torch.Tensor, ...]:
-    return (x.new_empty(x.shape[0], *x.shape[2:], x.shape[1]).permute(0, 3, 1, 2), torch.empty_like(weight),
-            x.new_empty(weight.shape[0], dtype=torch.float32))
+    return _fake_grads(x, weight, out_channels=weight.shape[0])
 
 
 def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: torch.Tensor) -> None:
@@ -146,20 +152,17 @@ def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, outp
     ctx.stride, ctx.bias_dtype = stride, bias.dtype
 
 
-def _conv_transpose2d_grads(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple:
-    x, weight = ctx.saved_tensors
-    grad_x, grad_weight, grad_bias = _conv_transpose2d_backward(grad, x, weight, ctx.stride)
-    return grad_x, grad_weight, grad_bias.to(ctx.bias_dtype), None
+def _grads_from(backward_op: Callable[..., tuple[torch.Tensor, ...]]) -> Callable[..., tuple]:
+    def grads(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple:
+        x, weight = ctx.saved_tensors
+        grad_x, grad_weight, grad_bias = backward_op(grad, x, weight, ctx.stride)
+        return grad_x, grad_weight, grad_bias.to(ctx.bias_dtype), None
+
+    return grads
 
 
-def _conv2d_grads(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple:
-    x, weight = ctx.saved_tensors
-    grad_x, grad_weight, grad_bias = _conv2d_backward(grad, x, weight, ctx.stride)
-    return grad_x, grad_weight, grad_bias.to(ctx.bias_dtype), None
-
-
-_conv_transpose2d.register_autograd(_conv_transpose2d_grads, setup_context=_setup_context)
-_conv2d.register_autograd(_conv2d_grads, setup_context=_setup_context)
+_conv_transpose2d.register_autograd(_grads_from(_conv_transpose2d_backward), setup_context=_setup_context)
+_conv2d.register_autograd(_grads_from(_conv2d_backward), setup_context=_setup_context)
 
 
 def _operands(x: torch.Tensor, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,10 +173,20 @@ def _operands(x: torch.Tensor, layer: nn.Module) -> tuple[torch.Tensor, torch.Te
 
 
 def conv2d_as_matmul(x: torch.Tensor, layer: nn.Conv2d) -> torch.Tensor:
-    """`layer(x)` for x (B, Ci, H, W) as one matmul per pass; the result is channels_last."""
+    """`layer(x)` for x (B, Ci, H, W) as one matmul per pass; the result is channels_last.
+
+    While exporting, the layer itself runs, so the graph keeps ONNX's own Conv, which onnxruntime runs fast.
+    """
+    if torch.compiler.is_exporting():
+        return layer(x)
     return _conv2d(*_operands(x, layer), layer.bias, layer.stride[0])
 
 
 def conv_transpose2d_as_matmul(x: torch.Tensor, layer: nn.ConvTranspose2d) -> torch.Tensor:
-    """`layer(x)` for x (B, Ci, H, W) as one matmul per pass; the result is channels_last."""
+    """`layer(x)` for x (B, Ci, H, W) as one matmul per pass; the result is channels_last.
+
+    While exporting, the layer itself runs, so the graph keeps ONNX's own ConvTranspose.
+    """
+    if torch.compiler.is_exporting():
+        return layer(x)
     return _conv_transpose2d(*_operands(x, layer), layer.bias, layer.stride[0])

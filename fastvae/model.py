@@ -47,9 +47,8 @@ class Encoder(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.disc[1](self.disc[0](images))
-        last = self.disc[2][0]
-        encoding = last(x) if torch.compiler.is_exporting() else conv2d_as_matmul(x, last)
-        encoding = encoding.flatten(1)  # (B, 2Z); flatten keeps the batch dim dynamic at export
+        # (B, 2Z); flatten keeps the batch dim dynamic at export
+        encoding = conv2d_as_matmul(x, self.disc[2][0]).flatten(1)
         return encoding[:, : self.z_dim], encoding[:, self.z_dim :]
 
 
@@ -74,10 +73,7 @@ class Decoder(nn.Module):
         x = x.contiguous(memory_format=torch.channels_last)
         x = self.gen[0][2](self.gen[0][1](x))
         for block in self.gen[1:]:
-            # The exported graph keeps the standard ConvTranspose op: onnxruntime has its own fast kernels.
-            conv = block[0]
-            x = conv(x) if torch.compiler.is_exporting() else conv_transpose2d_as_matmul(x, conv)
-            x = block[1:](x)
+            x = block[1:](conv_transpose2d_as_matmul(x, block[0]))
         return x
 
 
