@@ -1,5 +1,8 @@
 """Decoder and encoder inference at batch 1, 64 and 1024: the lab's eager model, fastvae eager, torch.compile and
-onnxruntime (CPU; CUDA through IO binding when a GPU is present), side by side on the same weights."""
+onnxruntime (CPU; CUDA through IO binding when a GPU is present), side by side on the same weights.
+
+onnxruntime runs the default export (the decoder as matrix products); the `-conv-graph` row runs the decoder
+exported with standard ConvTranspose nodes (`--decoder-graph conv`), which shows what the rewrite buys."""
 
 from __future__ import annotations
 
@@ -17,14 +20,15 @@ from bench.conftest import record_throughput
 from fastvae import reference
 from fastvae.checkpoint import save_checkpoint
 from fastvae.config import ModelConfig
-from fastvae.export.onnx import export_onnx, part_module
+from fastvae.export.onnx import DECODER_GRAPHS, export_onnx, part_module
 from fastvae.flops import forward_flops
 from fastvae.model import VAE
 from fastvae.runtime import OnnxVAE, gpu_present
 
 PARTS = ("decoder", "encoder")
 BATCHES = (1, 64, 1024)
-PATHS = ("reference-eager", "fastvae-eager", "fastvae-compile", "onnxruntime-cpu", "onnxruntime-cuda")
+PATHS = ("reference-eager", "fastvae-eager", "fastvae-compile", "onnxruntime-cpu", "onnxruntime-cpu-conv-graph",
+         "onnxruntime-cuda")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # of the PyTorch paths
 
 
@@ -39,9 +43,9 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     folder = tmp_path_factory.mktemp("bench-inference")
     (folder / "run").mkdir()
     save_checkpoint(folder / "run", fast, config, {"epochs_done": 0}, {})
-    onnx_files = {part: folder / f"{part}.onnx" for part in PARTS}
-    for part, path in onnx_files.items():  # test_export verifies parity; here only speed is measured
-        export_onnx(path, folder / "run", part, verify=False, log=lambda _: None)
+    onnx_files = {(part, graph): folder / f"{part}-{graph}.onnx" for part in PARTS for graph in DECODER_GRAPHS}
+    for (part, graph), path in onnx_files.items():  # test_export verifies parity; here only speed is measured
+        export_onnx(path, folder / "run", part, decoder_graph=graph, verify=False, log=lambda _: None)
     return {"config": config, "fast": fast.to(DEVICE), "reference": lab.to(DEVICE), "onnx": onnx_files}
 
 
@@ -85,14 +89,17 @@ def test_inference(benchmark: Any, part: str, batch: int, path: str, models: dic
         start = time.perf_counter()
         call()
         first_call_s = round(time.perf_counter() - start, 2)
-    elif path == "onnxruntime-cpu":
+    elif path.startswith("onnxruntime-cpu"):
+        if path.endswith("conv-graph") and part != "decoder":
+            pytest.skip("--decoder-graph changes the decoder only; the encoder's graph is the same")
         device = "cpu"
-        call = _onnx_call(models["onnx"][part], part, device, inputs.numpy())
+        graph = "conv" if path.endswith("conv-graph") else "matmul"
+        call = _onnx_call(models["onnx"][part, graph], part, device, inputs.numpy())
     else:
         if not ("CUDAExecutionProvider" in ort.get_available_providers() and gpu_present()):
             pytest.skip("onnxruntime-cuda needs a CUDA GPU and onnxruntime's CUDA provider; this machine lacks one")
         device = "cuda"
-        call = _onnx_call(models["onnx"][part], part, device, inputs.numpy())
+        call = _onnx_call(models["onnx"][part, "matmul"], part, device, inputs.numpy())
 
     benchmark.group = f"{part} inference batch {batch}"
     benchmark(call)

@@ -18,6 +18,7 @@ import fastvae
 from fastvae.checkpoint import load_model
 from fastvae.config import ModelConfig
 from fastvae.errors import FastVAEError
+from fastvae.export.decoder_matmul import DecoderAsMatmuls
 from fastvae.export.verify import TOLERANCE, random_inputs, verify_onnx
 from fastvae.files import atomic_write, ensure_writable_dir
 from fastvae.model import VAE
@@ -29,31 +30,31 @@ _EXAMPLE_BATCH = 2
 # NOTE: measured (torch 2.14, onnx 1.23): the exporter builds opset 18+ and down-converts; below 16 the ONNX
 # converter has no adapter for this graph (Identity) and the export stays at 18.
 MIN_OPSET = 16
+# How the decoder's transposed convolutions appear in the graph; see part_module.
+DECODER_GRAPHS = ("matmul", "conv")
 
 
 class DecoderPart(nn.Module):
     """z (B, Z) float32 -> images (B, C, 28, 28) float32 in [0, 1]; computes in the weights' dtype."""
 
-    def __init__(self, vae: VAE) -> None:
+    def __init__(self, vae: VAE, decoder: nn.Module) -> None:
         super().__init__()
-        self.decoder = vae.decode
-        self.dtype = next(vae.parameters()).dtype
+        self.decoder = decoder
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         # The fast decoder returns logits; the exported contract is images, so the sigmoid lives in the graph.
-        return torch.sigmoid(self.decoder(z.to(self.dtype))).float()
+        return torch.sigmoid(self.decoder(z.to(_dtype(self)))).float()
 
 
 class EncoderPart(nn.Module):
     """images (B, C, 28, 28) float32 in [0, 1] -> mean (B, Z), log_sigma (B, Z) float32."""
 
-    def __init__(self, vae: VAE) -> None:
+    def __init__(self, vae: VAE, decoder: nn.Module) -> None:
         super().__init__()
         self.encoder = vae.encode
-        self.dtype = next(vae.parameters()).dtype
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mean, log_sigma = self.encoder(images.to(self.dtype))
+        mean, log_sigma = self.encoder(images.to(_dtype(self)))
         return mean.float(), log_sigma.float()
 
 
@@ -62,22 +63,36 @@ class VAEPart(nn.Module):
 
     The caller supplies eps ~ N(0, I), so the graph holds no random op and is deterministic."""
 
-    def __init__(self, vae: VAE) -> None:
+    def __init__(self, vae: VAE, decoder: nn.Module) -> None:
         super().__init__()
-        self.vae = vae
-        self.dtype = next(vae.parameters()).dtype
+        self.vae, self.decoder = vae, decoder
 
     def forward(self, images: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        logits, mean, log_sigma, _ = self.vae(images.to(self.dtype), eps)  # the unused KL is pruned at export
-        return torch.sigmoid(logits).float(), mean.float(), log_sigma.float()
+        mean, log_sigma = self.vae.encode(images.to(_dtype(self)))
+        z, _ = self.vae.reparameterize(mean, log_sigma, eps)  # the unused KL is pruned at export
+        return torch.sigmoid(self.decoder(z)).float(), mean.float(), log_sigma.float()
 
 
-_WRAPPERS: dict[str, Callable[[VAE], nn.Module]] = {"decoder": DecoderPart, "encoder": EncoderPart, "vae": VAEPart}
+def _dtype(module: nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
 
 
-def part_module(model: VAE, part: str) -> nn.Module:
-    """The eval-mode wrapper exporting `part` of `model` (float32 in and out, whatever the weights' dtype)."""
-    return _WRAPPERS[part](model).eval()
+_WRAPPERS: dict[str, Callable[[VAE, nn.Module], nn.Module]] = {
+    "decoder": DecoderPart, "encoder": EncoderPart, "vae": VAEPart,
+}
+
+
+def part_module(model: VAE, part: str, decoder_graph: str = "conv") -> nn.Module:
+    """The eval-mode wrapper exporting `part` of `model` (float32 in and out, whatever the weights' dtype).
+
+    decoder_graph "conv" keeps the model's decoder (the graph gets ConvTranspose nodes); "matmul" swaps in
+    `DecoderAsMatmuls`, the same function as matrix products, faster in onnxruntime on CPU (see README).
+    """
+    if decoder_graph not in DECODER_GRAPHS:
+        raise FastVAEError(f"unknown decoder graph {decoder_graph!r}: choose one of {', '.join(DECODER_GRAPHS)}")
+    model.eval()  # BatchNorm's running statistics: the exported function, and what DecoderAsMatmuls folds
+    decoder = DecoderAsMatmuls(model.decode) if decoder_graph == "matmul" else model.decode
+    return _WRAPPERS[part](model, decoder).eval()
 
 
 def describe(part: str, config: ModelConfig) -> tuple[dict[str, str], dict[str, str]]:
@@ -95,18 +110,22 @@ def describe(part: str, config: ModelConfig) -> tuple[dict[str, str], dict[str, 
     return {n: meaning[n] for n in INPUTS[part]}, {n: meaning[n] for n in OUTPUTS[part]}
 
 
-def export_part(model: VAE, part: str, *, fp16: bool = False, opset: int | None = None) -> onnx.ModelProto:
+def export_part(model: VAE, part: str, *, fp16: bool = False, opset: int | None = None,
+                decoder_graph: str = "matmul") -> onnx.ModelProto:
     """Export `part` of an eval-mode fp32 `model` with the dynamo exporter; batch dimension dynamic.
 
     fp16: the weights and all arithmetic are float16, with Cast nodes at the graph's boundary, so the inputs
     and outputs stay float32 and callers need not know the precision.
+    decoder_graph: "matmul" or "conv", the decoder's form in the graph (`part_module`); the encoder has one.
     """
     if part not in PARTS:
         raise FastVAEError(f"unknown part {part!r}: choose one of {', '.join(PARTS)}")
     if opset is not None and not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
         raise FastVAEError(f"--opset {opset} is not supported: choose {MIN_OPSET} to {onnx.defs.onnx_opset_version()}, "
                            "or leave it out for the exporter's recommended opset")
-    module = part_module(copy.deepcopy(model).half() if fp16 else model, part)
+    module = part_module(copy.deepcopy(model), part, decoder_graph)  # folded in fp32, then cast
+    if fp16:
+        module.half()
     batch = torch.export.Dim("batch")
     args = random_inputs(part, model.config, _EXAMPLE_BATCH)
     with warnings.catch_warnings():
@@ -138,7 +157,8 @@ def set_metadata(proto: onnx.ModelProto, values: dict[str, str]) -> None:
 
 
 def export_onnx(out: str | Path, checkpoint: str | Path, part: str = "decoder", *, opset: int | None = None,
-                fp16: bool = False, verify: bool = True, log: Callable[[str], None] = print) -> float | None:
+                fp16: bool = False, decoder_graph: str = "matmul", verify: bool = True,
+                log: Callable[[str], None] = print) -> float | None:
     """Export `part` of the run folder `checkpoint` to the ONNX file `out`; returns the verified max abs error
     (None with verify=False). `out` is replaced atomically, and only after verification passed."""
     out = Path(out)
@@ -146,7 +166,7 @@ def export_onnx(out: str | Path, checkpoint: str | Path, part: str = "decoder", 
     model, epoch = load_model(checkpoint)
     config = model.config
     model.eval()
-    proto = export_part(model, part, fp16=fp16, opset=opset)
+    proto = export_part(model, part, fp16=fp16, opset=opset, decoder_graph=decoder_graph)
     inputs, outputs = describe(part, config)
     set_metadata(proto, {
         META_PART: part,
@@ -155,6 +175,7 @@ def export_onnx(out: str | Path, checkpoint: str | Path, part: str = "decoder", 
         "fastvae.inputs": json.dumps(inputs),
         "fastvae.outputs": json.dumps(outputs),
         "fastvae.precision": "float16" if fp16 else "float32",
+        "fastvae.decoder_graph": decoder_graph if part != "encoder" else "none",
         "fastvae.version": fastvae.__version__,
         "fastvae.checkpoint": str(Path(checkpoint).resolve()),
         "fastvae.epoch": str(epoch),

@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "vae: images, eps -> reconstruction, mean, log_sigma")
     ex.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's recommended one)")
     ex.add_argument("--fp16", action="store_true", help="float16 weights and arithmetic; inputs, outputs float32")
+    ex.add_argument("--decoder-graph", default="matmul",
+                    help="matmul (default): the decoder's transposed convolutions as matrix products, faster in "
+                         "onnxruntime on CPU; conv: standard ConvTranspose nodes, for runtimes with their own")
     ex.add_argument("--no-verify", action="store_true", help="skip the onnxruntime-vs-PyTorch check")
 
     sa = sub.add_parser("sample", help="decode random latents with an exported decoder; writes a PNG grid")
@@ -156,7 +159,8 @@ def _eval(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from fastvae.export.onnx import export_onnx
 
-    export_onnx(args.model, args.checkpoint, args.part, opset=args.opset, fp16=args.fp16, verify=not args.no_verify)
+    export_onnx(args.model, args.checkpoint, args.part, opset=args.opset, fp16=args.fp16,
+                decoder_graph=args.decoder_graph, verify=not args.no_verify)
     return 0
 
 

@@ -106,10 +106,25 @@ def test_metadata_round_trip(exported: dict, checkpoint: tuple[Path, VAE]) -> No
 
 def test_fp16_weights_float32_boundary(exported: dict) -> None:
     proto = onnx.load(exported["path"])
-    weights = {t.data_type for t in proto.graph.initializer if len(t.dims) > 1}
+    floating = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+    # Weight matrices; the matmul decoder's 0/1 overlap matrices are bool and its pixel orders int64.
+    weights = {t.data_type for t in proto.graph.initializer if len(t.dims) > 1 and t.data_type in floating}
     assert weights == ({onnx.TensorProto.FLOAT16} if exported["fp16"] else {onnx.TensorProto.FLOAT})
     for value in [*proto.graph.input, *proto.graph.output]:
         assert value.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+
+
+def test_decoder_graph_choice(exported: dict, checkpoint: tuple[Path, VAE], tmp_path: Path) -> None:
+    """The default graph has no ConvTranspose (the decoder is matrix products); "conv" keeps them, verified."""
+    assert "ConvTranspose" not in {node.op_type for node in onnx.load(exported["path"]).graph.node}
+    if exported["part"] != "decoder":
+        return
+    out = tmp_path / "conv.onnx"
+    error = export_onnx(out, checkpoint[0], "decoder", decoder_graph="conv", log=lambda _: None)
+    assert 0 <= error <= TOLERANCE[False]
+    proto = onnx.load(out)
+    assert "ConvTranspose" in {node.op_type for node in proto.graph.node}
+    assert {p.key: p.value for p in proto.metadata_props}["fastvae.decoder_graph"] == "conv"
 
 
 def _one_line_error(capsys: pytest.CaptureFixture[str], *expected: str) -> None:
@@ -138,7 +153,8 @@ def test_failed_verification_keeps_existing_file(
 @pytest.mark.parametrize("argv, expected", [
     (["--opset", "12"], "--opset 12 is not supported"),
     (["--checkpoint", "no-such-run"], "no checkpoint at no-such-run"),
-], ids=["opset", "checkpoint"])
+    (["--decoder-graph", "dense"], "unknown decoder graph 'dense': choose one of matmul, conv"),
+], ids=["opset", "checkpoint", "decoder-graph"])
 def test_bad_options(argv: list[str], expected: str, checkpoint: tuple[Path, VAE], tmp_path: Path,
                      capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["export", str(tmp_path / "m.onnx"), "--checkpoint", str(checkpoint[0]), *argv]) == 2

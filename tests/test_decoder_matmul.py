@@ -1,0 +1,46 @@
+"""`DecoderAsMatmuls` (the export-time decoder as matrix products) computes the eval-mode decoder's function."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastvae.config import ModelConfig
+from fastvae.export.decoder_matmul import DecoderAsMatmuls
+from fastvae.model import VAE
+from tests.conftest import TOLERANCES, relative_error
+
+
+def _trained_looking(config: ModelConfig) -> VAE:
+    """An eval-mode VAE whose BatchNorms are not the identity, so that folding them is exercised."""
+    model = VAE(config).double()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
+# (1, 1): the default image channels; 3 channels take the batched-matmul path of the last layer.
+@pytest.mark.parametrize("config", [ModelConfig(), ModelConfig(z_dim=12, im_chan=3, decoder_hidden=8)], ids=str)
+@pytest.mark.parametrize("batch", [1, 5])
+def test_equals_the_decoder_in_float64(config: ModelConfig, batch: int) -> None:
+    model = _trained_looking(config)
+    z = torch.randn(batch, config.z_dim, dtype=torch.float64)
+    with torch.no_grad():
+        expected = model.decode(z)
+        actual = DecoderAsMatmuls(model.decode)(z)
+    assert actual.shape == expected.shape == (batch, config.im_chan, config.image_size, config.image_size)
+    assert relative_error(actual, expected) < TOLERANCES[torch.float64]
+
+
+def test_overlap_matrices_count_every_tap_once() -> None:
+    """Each (input pixel, tap) lands on exactly one output pixel: every column of every overlap has one 1."""
+    layers = DecoderAsMatmuls(VAE().eval().decode).layers
+    overlaps = [buffer for layer in layers for name, buffer in layer.named_buffers() if name.startswith("overlap")]
+    assert len(overlaps) == 1 + 4 + 4  # stride 1: one phase; stride 2: four
+    for overlap in overlaps:
+        assert overlap.dtype == torch.bool and torch.equal(overlap.sum(0), torch.ones(overlap.shape[1]).long())
