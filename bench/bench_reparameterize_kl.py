@@ -1,12 +1,15 @@
 """Reparameterize + KL at B in {256, 1024, 8192}, Z in {32, 128}: forward, backward and full (both) modes.
 
-Paths: the lab's torch.distributions code, the fused PyTorch formula, that formula under torch.compile, and
-the Triton op (CUDA only). Every path draws its own eps, as a training step does: torch.randn for the PyTorch
-paths, Philox inside the kernel for Triton. Throughput is effective bandwidth, the bytes the op must move.
+Paths: the lab's torch.distributions code, the fused PyTorch formula, that formula compiled (forward and
+backward graphs apart: reparameterize_kl_sampled_compiled), and the Triton op (CUDA only). Every path draws
+its own eps, as a training step does: rsample's torch.randn for the lab's code, counter_normal from a
+[seed, offset] tensor for the PyTorch formula (inside the forward graph when compiled), Philox inside the
+kernel for Triton. Throughput is effective bandwidth, the bytes the op must move.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -16,8 +19,7 @@ import triton
 from torch.distributions.normal import Normal
 
 from fastvae import reference
-from fastvae.kernels import reparameterize_kl_sampled
-from fastvae.kernels.reparameterize_kl import reparameterize_kl_torch
+from fastvae.kernels import reparameterize_kl_sampled, reparameterize_kl_sampled_compiled
 
 SHAPES = [(batch, z_dim) for batch in (256, 1024, 8192) for z_dim in (32, 128)]
 MODES = ("forward", "backward", "full")
@@ -31,27 +33,27 @@ def _distributions(mean: torch.Tensor, log_sigma: torch.Tensor) -> tuple[torch.T
     return q.rsample(), reference.kl_divergence_loss(q)
 
 
-def _formula(mean: torch.Tensor, log_sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return reparameterize_kl_torch(mean, log_sigma, torch.randn_like(mean))
+def _seed_offset() -> torch.Tensor:
+    # One pair for every call: a training step passes a new one each step, which changes data, not work.
+    return torch.tensor([0, 0], device=DEVICE)
 
 
 def _op(path: str, batch: int, z_dim: int, benchmark: Any) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
     if path == "reference-distributions":
         return _distributions
     if path == "torch-formula":
-        return _formula
+        return functools.partial(reparameterize_kl_sampled, seed_offset=_seed_offset(), kernel="torch")
     if path == "torch-formula-compile":
         if benchmark.disabled and (batch, z_dim) != SHAPES[0]:
             pytest.skip("compiling takes seconds per shape on 2 cores: with --benchmark-disable only the smallest")
         torch.compiler.reset()
-        # eps is drawn outside the graph, as the compiled training step receives it: inductor's own CPU
-        # randn is slower than ATen's (measured 5x at B=1024, Z=32 on a 2-core Xeon).
-        compiled = torch.compile(reparameterize_kl_torch, fullgraph=True, dynamic=False)
-        return lambda mean, log_sigma: compiled(mean, log_sigma, torch.randn_like(mean))
+        # eps is drawn inside the forward graph by counter_normal's integer hash and Box-Muller, which inductor
+        # fuses into the formula's loop (not torch.randn: inductor's own CPU randn measured 5x slower than
+        # ATen's), and saved for the backward graph.
+        return functools.partial(reparameterize_kl_sampled_compiled, seed_offset=_seed_offset())
     if DEVICE.type != "cuda":
         pytest.skip("the Triton kernels need a CUDA GPU; this machine has none")
-    seed_offset = torch.tensor([0, 0], device=DEVICE)
-    return lambda mean, log_sigma: reparameterize_kl_sampled(mean, log_sigma, seed_offset, kernel="triton")
+    return functools.partial(reparameterize_kl_sampled, seed_offset=_seed_offset(), kernel="triton")
 
 
 def _bytes_moved(mode: str, batch: int, z_dim: int) -> int:
@@ -86,7 +88,8 @@ def test_reparameterize_kl(benchmark: Any, batch: int, z_dim: int, mode: str, pa
         torch.autograd.backward(op(mean, log_sigma), (dz, dkl))
         sync()
 
-    outputs = op(mean, log_sigma)  # warm-up (and the compile, for the compiled path)
+    torch.autograd.backward(op(mean, log_sigma), (dz, dkl))  # warm-up (and compiles forward and backward)
+    outputs = op(mean, log_sigma)
 
     def backward() -> None:
         torch.autograd.backward(outputs, (dz, dkl), retain_graph=True)

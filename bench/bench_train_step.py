@@ -20,6 +20,7 @@ from bench.memory import measure_in_child
 from fastvae.config import ModelConfig
 from fastvae.data import FASHION_MNIST_DIR, load_images, to_float
 from fastvae.flops import train_step_flops
+from fastvae.kernels import resolve_kernel
 from fastvae.malloc import keep_freed_memory, return_freed_memory
 from fastvae.train import build_model, make_loss_fn, train_step
 
@@ -54,16 +55,17 @@ def make_step(path: str, batch_size: int, device: torch.device) -> Callable[[], 
     torch.manual_seed(0)
     config = ModelConfig()
     images = to_float(load_images("fashion-mnist", "train")[:batch_size]).to(device)
-    eps = torch.randn(batch_size, config.z_dim, device=device)
+    seed_offset = torch.tensor([0, 0], device=device)  # eps is drawn in the step, from this pair
     model = build_model(kind, config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     dtype = (torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16) if amp \
         else None
-    loss_fn = make_loss_fn(model, kind, 1.0, dtype)
+    kernel = resolve_kernel("auto", device)[0] if kind == "fast" else "torch"  # as `fastvae train` resolves it
+    loss_fn = make_loss_fn(model, kind, 1.0, dtype, kernel)
     if compiled:
         loss_fn = torch.compile(loss_fn, fullgraph=True)
-    return functools.partial(train_step, loss_fn, images, eps, optimizer, scaler)
+    return functools.partial(train_step, loss_fn, images, seed_offset, optimizer, scaler)
 
 
 @pytest.fixture(scope="module", autouse=True)

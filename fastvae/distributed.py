@@ -1,14 +1,14 @@
 """Training on several processes or machines under torchrun: NCCL on CUDA, Gloo on CPU, DistributedDataParallel.
 
-Every rank draws the same shuffle and the same global (B, Z) eps from the seed and takes its B / world_size
-rows of each global batch, so a run on N processes computes the single-process run's function. Synchronized:
-gradients (DDP, after each rank scales its loss by world_size: DDP averages, the single-process loss is a sum
-over the global batch), the loss value (all-reduced every step: rank 0 reports the global loss, and a
-non-finite one stops every rank at the same step), BatchNorm running statistics (DDP broadcasts rank 0's
-buffers before each forward). Not synchronized: BatchNorm's batch statistics; each rank normalizes over its
-own shard, as DDP does by default, because `nn.SyncBatchNorm` adds two collectives per BatchNorm layer per
-step (forward and backward) and, in torch 2.14, refuses CPU modules and breaks torch.compile's graph
-(pytorch/pytorch#156680). `--sync-bn` converts to it on CUDA. Rank 0 alone logs, evaluates and writes files.
+Every rank draws the same shuffle from the seed and takes its B / world_size rows of each global batch, and draws
+those rows' eps from counters that start at its first row (fastvae.train), so a run on N processes computes the
+single-process run's function. Synchronized: gradients (DDP, after each rank scales its loss by world_size: DDP
+averages, the single-process loss is a sum over the global batch), the loss value (all-reduced every step: rank 0
+reports the global loss, and a non-finite one stops every rank at the same step), BatchNorm running statistics (DDP
+broadcasts rank 0's buffers before each forward). Not synchronized: BatchNorm's batch statistics; each rank
+normalizes over its own shard, as DDP does by default, because `nn.SyncBatchNorm` adds two collectives per
+BatchNorm layer per step (forward and backward) and, in torch 2.14, refuses CPU modules and breaks torch.compile's
+graph (pytorch/pytorch#156680). `--sync-bn` converts to it on CUDA. Rank 0 alone logs, evaluates and writes files.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from fastvae.errors import FastVAEError
 from fastvae.evaluate import negative_elbo
 from fastvae.files import ensure_writable_dir, save_png
 from fastvae.kernels import resolve_kernel
+from fastvae.kernels.reparameterize_kl import sample_eps_torch
 from fastvae.malloc import keep_freed_memory
 from fastvae.model import VAE, vae_loss
 
@@ -80,20 +81,27 @@ def build_model(kind: str, config: ModelConfig) -> torch.nn.Module:
 
 
 def make_loss_fn(model: torch.nn.Module, kind: str, beta: float, dtype: torch.dtype | None,
-                 sampled: bool = False) -> LossFn:
-    """loss(images (B, C, H, W) float, eps (B, Z)) -> the batch's summed negative ELBO (fp32 scalar).
+                 kernel: str = "torch") -> LossFn:
+    """loss(images (B, C, H, W) float, seed_offset) -> the batch's summed negative ELBO (fp32 scalar).
 
-    With `sampled`, the second argument is instead the int64 [seed, offset] the fused op draws eps from.
+    seed_offset is the int64 tensor [seed, offset] that eps (B, Z) is drawn from: in the Triton kernel with
+    kernel 'triton'; otherwise here, by sample_eps_torch (inside the graph under torch.compile), and given to
+    the model as an explicit eps: the PyTorch op's numbers, for the lab's model (which takes only an eps) as
+    for the fast one (whose seed_offset path would pick Triton on CUDA even with --kernel torch).
     """
     device_type = next(model.parameters()).device.type
+    z_dim = getattr(model, "module", model).z_dim  # under torchrun, DDP holds the model in .module
 
-    def fast_loss(images: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    def fast_loss(images: torch.Tensor, seed_offset: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            logits, _, _, kl = model(images, seed_offset=eps) if sampled else model(images, eps)
+            if kernel == "triton":
+                logits, _, _, kl = model(images, seed_offset=seed_offset)
+            else:
+                logits, _, _, kl = model(images, sample_eps_torch(seed_offset, (len(images), z_dim)))
         return vae_loss(logits, images, kl, beta)
 
-    def reference_loss(images: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        recon, q_dist = model(images, eps)
+    def reference_loss(images: torch.Tensor, seed_offset: torch.Tensor) -> torch.Tensor:
+        recon, q_dist = model(images, sample_eps_torch(seed_offset, (len(images), z_dim)))
         return reference.loss(recon, images, q_dist, beta)
 
     if kind == "reference" and dtype is not None:
@@ -101,11 +109,11 @@ def make_loss_fn(model: torch.nn.Module, kind: str, beta: float, dtype: torch.dt
     return fast_loss if kind == "fast" else reference_loss
 
 
-def train_step(loss_fn: LossFn, images: torch.Tensor, eps: torch.Tensor, optimizer: torch.optim.Optimizer,
-               scaler: torch.amp.GradScaler) -> float:
+def train_step(loss_fn: LossFn, images: torch.Tensor, seed_offset: torch.Tensor,
+               optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> float:
     """One step: loss, backward, optimizer update. Returns the global batch's loss (summed over torchrun's
     processes, so all of them see it); a non-finite one changes nothing, on every process alike."""
-    loss = loss_fn(images, eps)  # this process's shard
+    loss = loss_fn(images, seed_offset)  # this process's shard
     value = distributed.all_reduce_sum(loss).item()
     if np.isfinite(value):
         # DDP averages gradients over processes; the single-process loss is a sum over the global batch.
@@ -146,14 +154,13 @@ class Trainer:
 
         torch.manual_seed(derived_seed(config.seed))
         self.model = build_model(config.model, model_config).to(self.device)
-        sampled = self.kernel == "triton"
         # Keep the plain model for checkpoints; only the step function is compiled (under torchrun: the model
         # inside DDP).
         if launch.distributed:
             wrapped = distributed.wrap(self.model, self.device, config.compile, config.sync_bn)
-            self.loss_fn = make_loss_fn(wrapped, config.model, config.beta, self.dtype, sampled=sampled)
+            self.loss_fn = make_loss_fn(wrapped, config.model, config.beta, self.dtype, self.kernel)
         else:
-            loss_fn = make_loss_fn(self.model, config.model, config.beta, self.dtype, sampled=sampled)
+            loss_fn = make_loss_fn(self.model, config.model, config.beta, self.dtype, self.kernel)
             self.loss_fn = torch.compile(loss_fn, fullgraph=True) if config.compile else loss_fn
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype is torch.float16)
@@ -188,26 +195,21 @@ class Trainer:
         model.train()
         steps = len(self.train_images) // config.batch_size
         shuffle = generator(config.seed, epoch, _SHUFFLE)
-        eps_gen = generator(config.seed, epoch, _EPS, device=self.device)
         eps_seed = derived_seed(config.seed, epoch, _EPS)
         bar = tqdm(total=steps, desc=f"epoch {epoch}/{config.epochs}", unit="step",
                    disable=not self.progress, leave=False)
         loss_sum, first_step_s, start = 0.0, None, time.perf_counter()
         launch, z_dim = self.launch, self.model_config.z_dim
-        local = config.batch_size // launch.world_size
-        rows = slice(launch.rank * local, (launch.rank + 1) * local)  # this process's rows of a global batch
+        first_row = launch.rank * (config.batch_size // launch.world_size)  # this process's, in a global batch
         batches = shuffled_batches(self.train_images, config.batch_size, shuffle, launch.rank, launch.world_size)
         for step, images in enumerate(batches, 1):
-            if self.kernel == "triton":
-                # The kernel draws eps from Philox counters offset + row * Z + col: an offset of B * Z per
-                # step gives every step and row of the epoch its own counters (see kernels/reparameterize_kl),
-                # and starting at global row rows.start gives each process the single-process rows' eps.
-                offset = ((step - 1) * config.batch_size + rows.start) * z_dim
-                eps = torch.tensor([eps_seed, offset], device=self.device)
-            else:
-                # Every process draws the global (B, Z) eps and keeps its rows: the single-process draw.
-                eps = torch.randn((config.batch_size, z_dim), generator=eps_gen, device=self.device)[rows]
-            value = train_step(self.loss_fn, images, eps, self.optimizer, self.scaler)
+            # eps[row, col] is normal number offset + row * Z + col under eps_seed (Philox in the Triton
+            # kernel, counter_normal in PyTorch): an offset of B * Z per step gives every step and row of the
+            # epoch its own counters (see kernels/reparameterize_kl), and starting at global row first_row
+            # gives each process the single-process rows' eps.
+            offset = ((step - 1) * config.batch_size + first_row) * z_dim
+            seed_offset = torch.tensor([eps_seed, offset], device=self.device)
+            value = train_step(self.loss_fn, images, seed_offset, self.optimizer, self.scaler)
             if not np.isfinite(value):
                 bar.close()
                 raise FastVAEError(

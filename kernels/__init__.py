@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from fastvae.kernels.reparameterize_kl import reparameterize_kl_torch, sample_eps_torch
+from fastvae.kernels.reparameterize_kl_compiled import reparameterize_kl_sampled_compiled
 
 KERNELS = ("auto", "triton", "torch")
 
@@ -44,12 +45,13 @@ def reparameterize_kl_sampled(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """As `reparameterize_kl`, with eps (B, Z) drawn from seed_offset = int64 tensor [seed, offset].
 
-    Triton draws eps in the kernel (never stored) and torch.compile traces into it. The PyTorch path draws
-    other numbers from the same pair and reads the pair on the host: eager only, for CPU and tests.
+    Triton draws eps in the kernel (never stored); the PyTorch path draws other numbers from the same counters
+    (fastvae.kernels.counter_normal). Neither reads the pair on the host: torch.compile traces into both.
     """
     if resolve_kernel(kernel, mean.device)[0] == "triton":
         return torch.ops.fastvae.reparameterize_kl_sample(mean, log_sigma, seed_offset)
     return reparameterize_kl_torch(mean, log_sigma, sample_eps_torch(seed_offset, mean.shape))
 
 
-__all__ = ["KERNELS", "reparameterize_kl", "reparameterize_kl_sampled", "resolve_kernel"]
+__all__ = ["KERNELS", "reparameterize_kl", "reparameterize_kl_sampled", "reparameterize_kl_sampled_compiled",
+           "resolve_kernel"]

@@ -6,8 +6,9 @@ index), and the backward kernel regenerates the same eps from the same pair, so 
 memory. The trainer sets seed = derived_seed(--seed, epoch, EPS) and offset = 0 at each epoch's start and
 adds B * Z after every step: every (epoch, step, row, col) gets its own Philox counter, a run is reproducible
 from --seed, and an epoch does not depend on the ones before it (exact resume). The pair lives in a tensor,
-not in Python ints, so a new step does not recompile a compiled graph. The CPU implementation draws eps from a
-torch.Generator seeded from (seed, offset): deterministic, but not Triton's numbers.
+not in Python ints, so a new step does not recompile a compiled graph. The PyTorch implementation draws eps with
+fastvae.kernels.counter_normal under the same convention (element index + offset is the counter, never read on
+the host, so it traces into a compiled graph): other numbers than Triton's Philox, as reproducible.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
+
+from fastvae.kernels.counter_normal import counter_normal
 
 # Elements one program handles: BLOCK_B rows x BLOCK_Z columns, 4 per thread with 8 warps.
 # NOTE: sm_90 AOT build: 8 warps need 64-78 registers a thread, 4 warps 90-159 (Philox and Box-Muller for 8
@@ -263,14 +266,10 @@ _sample_op.register_autograd(_sample_grads, setup_context=_setup_context)
 def sample_eps_torch(seed_offset: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """Standard-normal eps (shape) in fp32 on seed_offset's device, determined by (seed, offset).
 
-    Not Triton's numbers: a torch.Generator seeded from the pair, on the CPU. Reads the pair on the host,
-    so it is for eager code (the CPU op, tests), not for a compiled CUDA step.
+    counter_normal's numbers, not Triton's: the same counters (offset + row-major index), another generator.
+    Reads nothing on the host, so it runs inside a compiled graph.
     """
-    seed, offset = seed_offset.tolist()
-    # Distinct offsets of one seed give distinct generator seeds (the multiplier is odd, so it is a bijection
-    # mod 2**64); 0x9E37... is 2**64 / golden ratio, which spreads nearby seeds apart.
-    generator = torch.Generator().manual_seed((seed * 0x9E3779B97F4A7C15 + offset) % 2**64)
-    return torch.randn(shape, generator=generator).to(seed_offset.device)
+    return counter_normal(seed_offset, shape)
 
 
 def reparameterize_kl_torch(

@@ -11,12 +11,14 @@ import torch
 from PIL import Image
 from torch.distributions import Normal
 
+from fastvae import reference
 from fastvae import train as train_module
 from fastvae.checkpoint import load_weights
 from fastvae.cli import main
 from fastvae.config import ModelConfig
 from fastvae.data import load_images
 from fastvae.evaluate import importance_weighted_bound, negative_elbo
+from fastvae.kernels.counter_normal import counter_normal
 from fastvae.model import VAE
 
 
@@ -146,3 +148,27 @@ def test_interrupt_during_save_waits_for_a_whole_checkpoint(tmp_path: Path, monk
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert seen == [{checkpoint.WEIGHTS, checkpoint.OPTIMIZER, checkpoint.RECORD}]
+
+
+def test_loss_fns_draw_eps_from_the_seed_offset_pair() -> None:
+    """Every model and kernel gets the same eps from one [seed, offset]: counter_normal's (B, Z) draw, passed
+    as an explicit eps to the lab's model and for --kernel torch; the pair itself for the Triton kernel."""
+    config, pair, images = ModelConfig(z_dim=4), torch.tensor([5, 64]), torch.rand(3, 1, 28, 28)
+    seen: list[tuple[str, torch.Tensor | None]] = []
+
+    class FastSpy(VAE):
+        def forward(self, images, eps=None, seed_offset=None):
+            seen.append(("fast", eps if seed_offset is None else seed_offset))
+            return super().forward(images, eps, seed_offset)
+
+    class ReferenceSpy(reference.VAE):
+        def forward(self, images, eps=None):
+            seen.append(("reference", eps))
+            return super().forward(images, eps)
+
+    for kind, model, kernel in [("fast", FastSpy(config), "torch"), ("reference", ReferenceSpy(config), "torch"),
+                                ("fast", FastSpy(config), "triton")]:
+        assert train_module.make_loss_fn(model, kind, 1.0, None, kernel)(images, pair).isfinite()
+    eps = counter_normal(pair, (3, 4))
+    assert [name for name, _ in seen] == ["fast", "reference", "fast"]
+    assert torch.equal(seen[0][1], eps) and torch.equal(seen[1][1], eps) and seen[2][1] is pair
