@@ -9,8 +9,10 @@ Xeon: col2im was about half of the decoder's 150 ms at batch 1024). Here each tr
 
 Activations are pixel-major, (pixels, batch * channels), so both products are single large GEMMs whatever
 the batch. A strided layer splits by output phase (o mod stride), since only the taps of one phase meet
-its pixels: that keeps S 3.8x smaller for the stride-2 layers. BatchNorm (eval) is folded into the weights.
-The rows of S are exact 0/1 sums, so the result equals the convolution up to fp32 summation order.
+its pixels: that keeps S 3.8x smaller for the stride-2 layers. The last layer, whose output has only the
+image's channels, gathers and sums each output pixel's rows of cols instead. BatchNorm (eval) is folded into
+the weights. Both overlap-adds are exact sums of products, so the result equals the convolution up to fp32
+summation order.
 """
 
 from __future__ import annotations
@@ -35,17 +37,16 @@ def fold_batchnorm(block: nn.Sequential) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class _TransposedConvAsMatmuls(nn.Module):
-    """ConvTranspose2d (+ folded BatchNorm, + ReLU) on pixel-major activations (P_in * B, Cin) whose pixels
+    """ConvTranspose2d + folded BatchNorm + ReLU on pixel-major activations (P_in * B, Cin) whose pixels
     come in the order `in_pixels`; returns (P_out * B, Cout) in the order `self.out_pixels`."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, stride: int, in_pixels: list[Pixel],
-                 *, relu: bool) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, stride: int, in_pixels: list[Pixel]) -> None:
         super().__init__()
         cin, cout, kernel, _ = weight.shape
         size_in = max(h for h, _ in in_pixels) + 1
         size_out = (size_in - 1) * stride + kernel
         where = {pixel: i for i, pixel in enumerate(in_pixels)}
-        self.relu, self.cout, self.out_pixels = relu, cout, []
+        self.cout, self.out_pixels = cout, []
         self.weights = nn.ParameterList()
         self.phases = 0
         for row_phase in range(stride):
@@ -71,14 +72,51 @@ class _TransposedConvAsMatmuls(nn.Module):
         phases = []
         for phase, weight in enumerate(self.weights):
             overlap = getattr(self, f"overlap{phase}").to(x.dtype)
-            if self.cout == 1:
-                # (T, Cin) @ (Cin, P_in * B): one GEMM; the batched form would be T matrix-vector products.
-                cols = weight.squeeze(-1) @ x.T  # (T, P_in * B)
-            else:
-                cols = torch.matmul(x, weight)  # (T, P_in * B, Cout): T GEMMs sharing x
-            out = torch.addmm(bias, overlap, cols.reshape(overlap.shape[1], -1))  # (P_phase, B * Cout)
-            phases.append(torch.relu(out) if self.relu else out)
+            cols = torch.matmul(x, weight)  # (T, P_in * B, Cout): T GEMMs sharing x
+            phases.append(torch.relu(torch.addmm(bias, overlap, cols.reshape(overlap.shape[1], -1))))
         return torch.cat(phases).reshape(-1, self.cout)  # (P_out * B, Cout)
+
+
+class _OutputConvAsGatherSum(nn.Module):
+    """The decoder's last ConvTranspose2d (no BatchNorm, no ReLU) on pixel-major activations (P_in * B, Cin)
+    in the order `in_pixels`; returns (Cout, P_out, B), output pixels in image (row, column) order.
+
+    Its output is small (Cout is the image's channels), so the overlap-add gathers each output pixel's few
+    (tap, pixel) rows and sums them: a dense overlap matrix would be 2 MB here, read whole even at batch 1.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, stride: int, in_pixels: list[Pixel]) -> None:
+        super().__init__()
+        cin, cout, kernel, _ = weight.shape
+        size_out = max(h for h, _ in in_pixels) * stride + kernel
+        taps = [(i, j) for i in range(kernel) for j in range(kernel)]
+        # Rows of cols = weight @ x^T + bias column: one per (tap, channel), then two more taps, all-zero
+        # weights: the padding for pixels with fewer contributions (bias 0) and the bias itself, so that the
+        # sum adds it and no broadcast Add is left (one measured 0.3 ms at batch 64).
+        rows = [weight[:, c, i, j] for i, j in taps for c in range(cout)]
+        self.weight = nn.Parameter(torch.stack(rows + [weight.new_zeros(cin)] * 2 * cout), requires_grad=False)
+        self.bias = nn.Parameter(torch.cat([bias.new_zeros((len(taps) + 1) * cout), bias])[:, None],
+                                 requires_grad=False)
+        # Row of ((tap, channel, pixel), B) cols holding tap t, channel c, input pixel p.
+        def row(t: int, c: int, p: int) -> int:
+            return (t * cout + c) * len(in_pixels) + p
+
+        sources: dict[Pixel, list[tuple[int, int]]] = {(i, j): [] for i in range(size_out) for j in range(size_out)}
+        for t, (ti, tj) in enumerate(taps):
+            for p, (pi, pj) in enumerate(in_pixels):
+                sources[pi * stride + ti, pj * stride + tj].append((t, p))
+        most = max(map(len, sources.values()))
+        zero, with_bias = len(taps), len(taps) + 1
+        gather = [[row(t, c, p) for t, p in found] + [row(with_bias, c, 0)] + [row(zero, c, 0)] * (most - len(found))
+                  for c in range(cout) for found in sources.values()]
+        # (most + 1, Cout * P_out): the rows of cols that sum to each output; the outer axis is summed over.
+        self.register_buffer("rows", torch.tensor(gather).T.contiguous())
+        self.cout, self.size = cout, size_out
+
+    def forward(self, x: torch.Tensor, batch: torch.Tensor | int) -> torch.Tensor:
+        cols = torch.addmm(self.bias, self.weight, x.T).reshape(-1, batch)  # ((T + 2) * Cout * P_in, B)
+        gathered = cols.index_select(0, self.rows.flatten()).reshape(*self.rows.shape, batch)
+        return gathered.sum(0).reshape(self.cout, -1, batch)  # (Cout, P_out, B)
 
 
 class DecoderAsMatmuls(nn.Module):
@@ -93,17 +131,14 @@ class DecoderAsMatmuls(nn.Module):
         pixels = [(i, j) for i in range(size) for j in range(size)]
         self.first_weight = nn.Parameter(weight.flatten(2).permute(2, 0, 1).contiguous(), requires_grad=False)
         self.first_bias = nn.Parameter(bias.clone(), requires_grad=False)
+        *hidden, last = rest
         self.layers = nn.ModuleList()
-        for index, block in enumerate(rest):
+        for block in hidden:
             weight, bias = fold_batchnorm(block)
-            layer = _TransposedConvAsMatmuls(weight, bias, block[0].stride[0], pixels, relu=index < len(rest) - 1)
-            self.layers.append(layer)
-            pixels = layer.out_pixels
-        self.channels, self.size = rest[-1][0].out_channels, max(i for i, _ in pixels) + 1
-        rank = {pixel: i for i, pixel in enumerate(pixels)}
-        # The last layer's rows are grouped by phase; this puts them back in image (row, column) order.
-        order = [rank[i, j] for i in range(self.size) for j in range(self.size)]
-        self.register_buffer("image_order", torch.tensor(order), persistent=False)
+            self.layers.append(_TransposedConvAsMatmuls(weight, bias, block[0].stride[0], pixels))
+            pixels = self.layers[-1].out_pixels
+        weight, bias = fold_batchnorm(last)
+        self.output = _OutputConvAsGatherSum(weight, bias, last[0].stride[0], pixels)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         batch = z.shape[0]
@@ -111,5 +146,5 @@ class DecoderAsMatmuls(nn.Module):
         x = x.reshape(-1, x.shape[-1])  # (P * B, C1)
         for layer in self.layers:
             x = layer(x, batch)
-        pixels = x.reshape(-1, batch, self.channels)[self.image_order]  # (H * W, B, C)
-        return pixels.permute(1, 2, 0).reshape(batch, self.channels, self.size, self.size)
+        pixels = self.output(x, batch)  # (C, H * W, B)
+        return pixels.permute(2, 0, 1).reshape(batch, -1, self.output.size, self.output.size)

@@ -37,10 +37,20 @@ def test_equals_the_decoder_in_float64(config: ModelConfig, batch: int) -> None:
     assert relative_error(actual, expected) < TOLERANCES[torch.float64]
 
 
-def test_overlap_matrices_count_every_tap_once() -> None:
-    """Each (input pixel, tap) lands on exactly one output pixel: every column of every overlap has one 1."""
-    layers = DecoderAsMatmuls(VAE().eval().decode).layers
-    overlaps = [buffer for layer in layers for name, buffer in layer.named_buffers() if name.startswith("overlap")]
-    assert len(overlaps) == 1 + 4 + 4  # stride 1: one phase; stride 2: four
+def test_every_tap_lands_once() -> None:
+    """Each (tap, input pixel) product lands on exactly one output pixel: every column of each hidden layer's
+    overlap matrices holds one 1, and the output layer gathers each of its rows once (its padding and bias
+    rows aside), with the bias row once per output."""
+    decoder = DecoderAsMatmuls(VAE().eval().decode)
+    overlaps = [buffer for layer in decoder.layers for name, buffer in layer.named_buffers()
+                if name.startswith("overlap")]
+    assert len(overlaps) == 1 + 4  # stride 1: one phase; stride 2: four
     for overlap in overlaps:
         assert overlap.dtype == torch.bool and torch.equal(overlap.sum(0), torch.ones(overlap.shape[1]).long())
+    output = decoder.output
+    taps, pixels = output.weight.shape[0] - 2, 13 * 13  # the last layer's input is 13x13
+    rows = output.rows.flatten()
+    products = rows[rows < taps * pixels]
+    assert torch.equal(products.sort().values, torch.arange(taps * pixels))
+    bias_rows = (rows >= (taps + 1) * pixels).sum().item()
+    assert bias_rows == output.rows.shape[1] == 28 * 28
