@@ -68,8 +68,8 @@ def resolve_train_kernel(config: TrainConfig, device: torch.device) -> tuple[str
     """The run's reparameterize+KL implementation ('triton' or 'torch') and why, for the log and run.json."""
     if config.model == "reference":
         if config.kernel == "triton":
-            raise FastVAEError("--kernel triton needs --model fast: the lab's model samples with torch.distributions")
-        return "torch", "the reference model samples with torch.distributions"
+            raise FastVAEError("--kernel triton needs --model fast: the lab's model has no fused kernel")
+        return "torch", "the reference model is the lab's code; its eps comes from counter_normal"
     try:
         return resolve_kernel(config.kernel, device)
     except ValueError as e:
@@ -161,7 +161,10 @@ class Trainer:
             self.loss_fn = make_loss_fn(wrapped, config.model, config.beta, self.dtype, self.kernel)
         else:
             loss_fn = make_loss_fn(self.model, config.model, config.beta, self.dtype, self.kernel)
-            self.loss_fn = torch.compile(loss_fn, fullgraph=True) if config.compile else loss_fn
+            # The lab's code calls torch.distributions.kl_divergence, whose type dispatch dynamo cannot trace:
+            # it compiles in pieces around it. The fast model must compile whole.
+            fullgraph = config.model == "fast"
+            self.loss_fn = torch.compile(loss_fn, fullgraph=fullgraph) if config.compile else loss_fn
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype is torch.float16)
         self.record: dict[str, Any] = {

@@ -67,6 +67,12 @@ def test_reference_model_trains_and_loads_into_fast(tiny_data_dir: Path, tmp_pat
     VAE(config).load_state_dict(state)
 
 
+def test_reference_model_compiles(tiny_data_dir: Path, tmp_path: Path) -> None:
+    """--model reference --compile: dynamo cannot trace kl_divergence's dispatch, so a whole-graph compile
+    raised a traceback; the lab's code compiles in pieces."""
+    assert _train(tiny_data_dir, tmp_path / "ref", "--epochs", "1", "--model", "reference", "--compile") == 0
+
+
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(
     tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
