@@ -91,7 +91,7 @@ def part_module(model: VAE, part: str, decoder_graph: str = "conv") -> nn.Module
     if decoder_graph not in DECODER_GRAPHS:
         raise FastVAEError(f"unknown decoder graph {decoder_graph!r}: choose one of {', '.join(DECODER_GRAPHS)}")
     model.eval()  # BatchNorm's running statistics: the exported function, and what DecoderAsMatmuls folds
-    decoder = DecoderAsMatmuls(model.decode) if decoder_graph == "matmul" else model.decode
+    decoder = DecoderAsMatmuls(model.decode) if decoder_graph == "matmul" and part != "encoder" else model.decode
     return _WRAPPERS[part](model, decoder).eval()
 
 
