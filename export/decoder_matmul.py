@@ -36,6 +36,11 @@ def fold_batchnorm(block: nn.Sequential) -> tuple[torch.Tensor, torch.Tensor]:
     return weight, bias
 
 
+def _output_size(in_pixels: list[Pixel], stride: int, kernel: int) -> int:
+    """Side of a transposed convolution's square output, from its input pixels' (row, column) pairs."""
+    return max(row for row, _ in in_pixels) * stride + kernel
+
+
 class _TransposedConvAsMatmuls(nn.Module):
     """ConvTranspose2d + folded BatchNorm + ReLU on pixel-major activations (P_in * B, Cin) whose pixels
     come in the order `in_pixels`; returns (P_out * B, Cout) in the order `self.out_pixels`."""
@@ -43,12 +48,10 @@ class _TransposedConvAsMatmuls(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, stride: int, in_pixels: list[Pixel]) -> None:
         super().__init__()
         cin, cout, kernel, _ = weight.shape
-        size_in = max(h for h, _ in in_pixels) + 1
-        size_out = (size_in - 1) * stride + kernel
+        size_out = _output_size(in_pixels, stride, kernel)
         where = {pixel: i for i, pixel in enumerate(in_pixels)}
         self.cout, self.out_pixels = cout, []
         self.weights = nn.ParameterList()
-        self.phases = 0
         for row_phase in range(stride):
             for col_phase in range(stride):
                 taps = [(i, j) for i in range(row_phase, kernel, stride) for j in range(col_phase, kernel, stride)]
@@ -60,9 +63,8 @@ class _TransposedConvAsMatmuls(nn.Module):
                     for (pi, pj), p in where.items():
                         overlap[row_of[pi * stride + ti, pj * stride + tj], t * len(in_pixels) + p] = True
                 tap_weights = torch.stack([weight[:, :, ti, tj] for ti, tj in taps])  # (T, Cin, Cout)
+                self.register_buffer(f"overlap{len(self.weights)}", overlap)
                 self.weights.append(nn.Parameter(tap_weights, requires_grad=False))
-                self.register_buffer(f"overlap{self.phases}", overlap)
-                self.phases += 1
                 self.out_pixels += outs
         self.bias = nn.Parameter(bias.clone(), requires_grad=False)
 
@@ -88,7 +90,7 @@ class _OutputConvAsGatherSum(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, stride: int, in_pixels: list[Pixel]) -> None:
         super().__init__()
         cin, cout, kernel, _ = weight.shape
-        size_out = max(h for h, _ in in_pixels) * stride + kernel
+        size_out = _output_size(in_pixels, stride, kernel)
         taps = [(i, j) for i in range(kernel) for j in range(kernel)]
         # Rows of cols = weight @ x^T + bias column: one per (tap, channel), then two more taps, all-zero
         # weights: the padding for pixels with fewer contributions (bias 0) and the bias itself, so that the

@@ -59,5 +59,5 @@ def reparameterize_kl_sampled_compiled(
     Each new shape, dtype or stride compiles (seconds). Inside a compiled region, the plain formula is traced.
     """
     if torch.compiler.is_compiling():
-        return reparameterize_kl_torch(mean, log_sigma, sample_eps_torch(seed_offset, mean.shape))
+        return _forward(mean, log_sigma, seed_offset)[:2]
     return _Sampled.apply(mean, log_sigma, seed_offset)
