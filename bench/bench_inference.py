@@ -1,8 +1,10 @@
 """Decoder and encoder inference at batch 1, 64 and 1024: the lab's eager model, fastvae eager, torch.compile and
 onnxruntime (CPU; CUDA through IO binding when a GPU is present), side by side on the same weights.
 
-onnxruntime runs the default export (the decoder as matrix products); the `-conv-graph` row runs the decoder
-exported with standard ConvTranspose nodes (`--decoder-graph conv`), which shows what the rewrite buys."""
+onnxruntime runs the default export (the decoder as matrix products) through `fastvae.runtime.OnnxVAE`, which
+splits large batches across the cores; the `-whole-batch` row runs each batch whole on onnxruntime's own threads
+(`split_batches=False`), and the `-conv-graph` row runs the decoder exported with standard ConvTranspose nodes
+(`--decoder-graph conv`): they show what each of the two buys."""
 
 from __future__ import annotations
 
@@ -27,8 +29,8 @@ from fastvae.runtime import OnnxVAE, gpu_present
 
 PARTS = ("decoder", "encoder")
 BATCHES = (1, 64, 1024)
-PATHS = ("reference-eager", "fastvae-eager", "fastvae-compile", "onnxruntime-cpu", "onnxruntime-cpu-conv-graph",
-         "onnxruntime-cuda")
+PATHS = ("reference-eager", "fastvae-eager", "fastvae-compile", "onnxruntime-cpu", "onnxruntime-cpu-whole-batch",
+         "onnxruntime-cpu-conv-graph", "onnxruntime-cuda")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # of the PyTorch paths
 
 
@@ -60,8 +62,8 @@ def _torch_call(module: Callable[..., Any], inputs: torch.Tensor) -> Callable[[]
     return call
 
 
-def _onnx_call(path: Path, part: str, device: str, inputs: np.ndarray) -> Callable[[], Any]:
-    vae = OnnxVAE(path, device=device)
+def _onnx_call(path: Path, part: str, device: str, inputs: np.ndarray, split: bool = True) -> Callable[[], Any]:
+    vae = OnnxVAE(path, device=device, split_batches=split)
     return (lambda: vae.decode(inputs)) if part == "decoder" else (lambda: vae.encode(inputs))
 
 
@@ -94,7 +96,7 @@ def test_inference(benchmark: Any, part: str, batch: int, path: str, models: dic
             pytest.skip("--decoder-graph changes the decoder only; the encoder's graph is the same")
         device = "cpu"
         graph = "conv" if path.endswith("conv-graph") else "matmul"
-        call = _onnx_call(models["onnx"][part, graph], part, device, inputs.numpy())
+        call = _onnx_call(models["onnx"][part, graph], part, device, inputs.numpy(), not path.endswith("whole-batch"))
     else:
         if not ("CUDAExecutionProvider" in ort.get_available_providers() and gpu_present()):
             pytest.skip("onnxruntime-cuda needs a CUDA GPU and onnxruntime's CUDA provider; this machine lacks one")

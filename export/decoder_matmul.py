@@ -43,7 +43,8 @@ def _output_size(in_pixels: list[Pixel], stride: int, kernel: int) -> int:
 
 class _TransposedConvAsMatmuls(nn.Module):
     """ConvTranspose2d + folded BatchNorm + ReLU on pixel-major activations (P_in * B, Cin) whose pixels
-    come in the order `in_pixels`; returns (P_out * B, Cout) in the order `self.out_pixels`."""
+    come in the order `in_pixels`; returns one (P * B, Cout) tensor per output phase, their pixels in the
+    order `self.out_pixels` (the phases' pixels one after the other)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, stride: int, in_pixels: list[Pixel]) -> None:
         super().__init__()
@@ -56,6 +57,13 @@ class _TransposedConvAsMatmuls(nn.Module):
             for col_phase in range(stride):
                 taps = [(i, j) for i in range(row_phase, kernel, stride) for j in range(col_phase, kernel, stride)]
                 outs = [(i, j) for i in range(row_phase, size_out, stride) for j in range(col_phase, size_out, stride)]
+                if len(taps) == 1 and len(outs) == len(in_pixels):
+                    # One tap reaching every pixel of its phase once: nothing overlaps, so the phase is one
+                    # Gemm with bias and ReLU, its pixels in the input's order.
+                    (ti, tj), = taps
+                    self.weights.append(nn.Parameter(weight[:, :, ti, tj].clone(), requires_grad=False))
+                    self.out_pixels += [(pi * stride + ti, pj * stride + tj) for pi, pj in in_pixels]
+                    continue
                 row_of = {pixel: i for i, pixel in enumerate(outs)}
                 # Stored as bool (a quarter of the file size of fp32); the graph casts it once, at load.
                 overlap = torch.zeros(len(outs), len(taps) * len(in_pixels), dtype=torch.bool)
@@ -68,20 +76,25 @@ class _TransposedConvAsMatmuls(nn.Module):
                 self.out_pixels += outs
         self.bias = nn.Parameter(bias.clone(), requires_grad=False)
 
-    def forward(self, x: torch.Tensor, batch: torch.Tensor | int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: torch.Tensor | int) -> list[torch.Tensor]:
         # The bias as a Gemm row: (1, B * Cout), each image's Cout biases side by side.
         bias = self.bias.expand(batch, self.cout).reshape(1, -1)
         phases = []
         for phase, weight in enumerate(self.weights):
+            if weight.dim() == 2:
+                phases.append(torch.relu(torch.addmm(self.bias, x, weight)))
+                continue
             overlap = getattr(self, f"overlap{phase}").to(x.dtype)
             cols = torch.matmul(x, weight)  # (T, P_in * B, Cout): T GEMMs sharing x
-            phases.append(torch.relu(torch.addmm(bias, overlap, cols.reshape(overlap.shape[1], -1))))
-        return torch.cat(phases).reshape(-1, self.cout)  # (P_out * B, Cout)
+            phase_out = torch.relu(torch.addmm(bias, overlap, cols.reshape(overlap.shape[1], -1)))
+            phases.append(phase_out.reshape(-1, self.cout))
+        return phases  # each (P * B, Cout)
 
 
 class _OutputConvAsGatherSum(nn.Module):
     """The decoder's last ConvTranspose2d (no BatchNorm, no ReLU) on pixel-major activations (P_in * B, Cin)
-    in the order `in_pixels`; returns (Cout, P_out, B), output pixels in image (row, column) order.
+    split into phases whose pixels, one phase after the other, come in the order `in_pixels`; returns
+    (Cout, P_out, B), output pixels in image (row, column) order.
 
     Its output is small (Cout is the image's channels), so the overlap-add gathers each output pixel's few
     (tap, pixel) rows and sums them: a dense overlap matrix would be 2 MB here, read whole even at batch 1.
@@ -113,12 +126,16 @@ class _OutputConvAsGatherSum(nn.Module):
                   for c in range(cout) for found in sources.values()]
         # (most + 1, Cout * P_out): the rows of cols that sum to each output; the outer axis is summed over.
         self.register_buffer("rows", torch.tensor(gather).T.contiguous())
+        self.register_buffer("ones", weight.new_ones(1, most + 1))
         self.cout, self.size = cout, size_out
 
-    def forward(self, x: torch.Tensor, batch: torch.Tensor | int) -> torch.Tensor:
-        cols = torch.addmm(self.bias, self.weight, x.T).reshape(-1, batch)  # ((T + 2) * Cout * P_in, B)
-        gathered = cols.index_select(0, self.rows.flatten()).reshape(*self.rows.shape, batch)
-        return gathered.sum(0).reshape(self.cout, -1, batch)  # (Cout, P_out, B)
+    def forward(self, phases: list[torch.Tensor], batch: torch.Tensor | int) -> torch.Tensor:
+        # One Gemm per input phase and a concatenation of their products, which are smaller than the phases.
+        cols = [torch.addmm(self.bias, self.weight, x.T) for x in phases]
+        cols = (torch.cat(cols, dim=1) if len(cols) > 1 else cols[0]).reshape(-1, batch)  # ((T+2)*Cout*P_in, B)
+        gathered = cols.index_select(0, self.rows.flatten()).reshape(self.rows.shape[0], -1)
+        # Summed as a product with ones: onnxruntime's ReduceSum over the outer axis took 8x longer here.
+        return torch.matmul(self.ones, gathered).reshape(self.cout, -1, batch)  # (Cout, P_out, B)
 
 
 class DecoderAsMatmuls(nn.Module):
@@ -146,7 +163,8 @@ class DecoderAsMatmuls(nn.Module):
         batch = z.shape[0]
         x = torch.relu(torch.matmul(z, self.first_weight) + self.first_bias)  # (P, B, C1)
         x = x.reshape(-1, x.shape[-1])  # (P * B, C1)
+        phases = [x]
         for layer in self.layers:
-            x = layer(x, batch)
-        pixels = self.output(x, batch)  # (C, H * W, B)
+            phases = layer(torch.cat(phases) if len(phases) > 1 else phases[0], batch)
+        pixels = self.output(phases, batch)  # (C, H * W, B)
         return pixels.permute(2, 0, 1).reshape(batch, -1, self.output.size, self.output.size)

@@ -39,12 +39,15 @@ def test_equals_the_decoder_in_float64(config: ModelConfig, batch: int) -> None:
 
 def test_every_tap_lands_once() -> None:
     """Each (tap, input pixel) product lands on exactly one output pixel: every column of each hidden layer's
-    overlap matrices holds one 1, and the output layer gathers each of its rows once (its padding and bias
-    rows aside), with the bias row once per output."""
+    overlap matrices holds one 1, each hidden layer lists every output pixel once, and the output layer gathers
+    each of its rows once (its padding and bias rows aside), with the bias row once per output."""
     decoder = DecoderAsMatmuls(VAE().eval().decode)
     overlaps = [buffer for layer in decoder.layers for name, buffer in layer.named_buffers()
                 if name.startswith("overlap")]
-    assert len(overlaps) == 1 + 4  # stride 1: one phase; stride 2: four
+    # Stride 1: one phase. Stride 2, kernel 3: four phases, and the one with a single tap needs no overlap-add.
+    assert len(overlaps) == 1 + 3
+    for layer, size in zip(decoder.layers, (6, 13), strict=True):
+        assert sorted(layer.out_pixels) == [(i, j) for i in range(size) for j in range(size)]
     for overlap in overlaps:
         assert overlap.dtype == torch.bool and torch.equal(overlap.sum(0), torch.ones(overlap.shape[1]).long())
     output = decoder.output

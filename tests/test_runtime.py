@@ -14,13 +14,14 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
+from fastvae import runtime
 from fastvae.checkpoint import save_checkpoint
 from fastvae.cli import main
 from fastvae.config import ModelConfig
 from fastvae.export.onnx import export_onnx
 from fastvae.files import image_grid
 from fastvae.model import VAE
-from fastvae.runtime import OnnxVAE
+from fastvae.runtime import MAX_PIECE, MIN_PIECE, OnnxVAE, batch_pieces
 
 CONFIG = ModelConfig(z_dim=5)
 ATOL = 1e-4  # fp32 graph vs eager PyTorch, as `fastvae export` verifies
@@ -71,6 +72,37 @@ def test_encode_and_reconstruct_match_pytorch(files: dict[str, Path], model: VAE
     got_mean, got_log_sigma = vae.encode(images)
     np.testing.assert_allclose(got_mean, mean.numpy(), rtol=0, atol=ATOL)
     np.testing.assert_allclose(got_log_sigma, log_sigma.numpy(), rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("batch, workers", [(1, 2), (23, 2), (24, 2), (129, 2), (1000, 2), (1024, 16), (64, 1)])
+def test_batch_pieces_cover_the_batch(batch: int, workers: int) -> None:
+    pieces = batch_pieces(batch, workers)
+    assert [start for start, _ in pieces] == [0] + [stop for _, stop in pieces[:-1]]
+    assert pieces[-1][1] == batch
+    if workers < 2 or batch < MIN_PIECE * workers:
+        assert pieces == [(0, batch)]
+    else:
+        sizes = [stop - start for start, stop in pieces]
+        assert len(pieces) >= workers and max(sizes) <= MAX_PIECE and min(sizes[:-1]) >= MIN_PIECE
+
+
+@pytest.mark.parametrize("part", ["decoder", "vae"])
+def test_split_batches_give_the_whole_batch_result(files: dict[str, Path], part: str,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pieces run on a thread pool into slices of the output buffers: the result is the whole run's."""
+    monkeypatch.setattr(runtime, "physical_cores", lambda: 2)  # split even on a one-core machine
+    split, whole = OnnxVAE(files[part], device="cpu"), OnnxVAE(files[part], device="cpu", split_batches=False)
+    batch = 2 * MAX_PIECE + 5
+    assert len(batch_pieces(batch, 2)) == 4
+    if part == "decoder":
+        z = np.random.default_rng(0).standard_normal((batch, 5)).astype(np.float32)
+        pairs = [(split.decode(z), whole.decode(z))]
+    else:
+        images = _images(batch)
+        pairs = [(split.reconstruct(images, seed=1), whole.reconstruct(images, seed=1)),
+                 *zip(split.encode(images), whole.encode(images), strict=True)]
+    for got, expected in pairs:
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("part, call, expected", [
