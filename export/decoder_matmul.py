@@ -13,14 +13,26 @@ its pixels: that keeps S 3.8x smaller for the stride-2 layers. The last layer, w
 image's channels, gathers and sums each output pixel's rows of cols instead. BatchNorm (eval) is folded into
 the weights. Both overlap-adds are exact sums of products, so the result equals the convolution up to fp32
 summation order.
+
+The stride-1 layer (3x3 -> 6x6, 4x4 kernel; 62% of the decoder's multiplications) is instead computed by
+Toom-Cook (Winograd) minimal filtering, with 4x fewer multiplications and no overlap-add; see
+`_StrideOneConvAsWinograd` for the method and what it costs in fp32 rounding.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
 
 Pixel = tuple[int, int]
+
+# Toom-Cook evaluation points (None: infinity) for the 6-point transform of the stride-1 layer: among sets of small
+# fractions, one of the lowest fp32 errors that are exact in binary. Measured against float64 on random weights:
+# the layer's largest error 2.6e-6 of its largest output (direct sum: 1.8e-7; points 0, +-1, +-2: 4.4e-6); the
+# whole decoder's 4.2e-7 (direct: 2.7e-7, eager PyTorch: 2.5e-7).
+WINOGRAD_POINTS = (0.0, -1.0, -2.0, 0.5, 1.5, None)
 
 
 def fold_batchnorm(block: nn.Sequential) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,6 +51,57 @@ def fold_batchnorm(block: nn.Sequential) -> tuple[torch.Tensor, torch.Tensor]:
 def _output_size(in_pixels: list[Pixel], stride: int, kernel: int) -> int:
     """Side of a transposed convolution's square output, from its input pixels' (row, column) pairs."""
     return max(row for row, _ in in_pixels) * stride + kernel
+
+
+def toom_cook(size_in: int, kernel: int, points: tuple[float | None, ...]
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(A (n, size_in), G (n, kernel), V_inv (n, n)) in float64, n = size_in + kernel - 1 = len(points): the full
+    linear convolution of a (size_in,) and w (kernel,) is V_inv @ ((A @ a) * (G @ w)). A and G evaluate the two
+    polynomials at the points (at infinity, their leading coefficients), V_inv interpolates the product's."""
+    def evaluate(terms: int) -> torch.Tensor:
+        return torch.tensor([[0.0] * (terms - 1) + [1.0] if point is None else [point**e for e in range(terms)]
+                             for point in points], dtype=torch.float64)
+
+    if size_in + kernel - 1 != len(points):
+        raise ValueError(f"{len(points)} points cannot convolve {size_in} values with a kernel of {kernel}")
+    return evaluate(size_in), evaluate(kernel), torch.linalg.inv(evaluate(size_in + kernel - 1))
+
+
+class _StrideOneConvAsWinograd(nn.Module):
+    """ConvTranspose2d (stride 1) + folded BatchNorm + ReLU on pixel-major activations (P_in * B, Cin), pixels in
+    row-major order, by Toom-Cook (Winograd) minimal filtering; returns [(P_out * B, Cout)], row-major.
+
+    With stride 1 the layer is a full 2D linear convolution of each input channel with each kernel. Evaluated at
+    n points per axis it becomes n^2 independent channel products: points = T_in @ x (one Gemm over the input
+    pixels), one matmul per point with the weights transformed at export, out = T_out @ products + bias, ReLU
+    (one Gemm). For the lab's 3x3 -> 6x6 layer that is 36 products of (B, Cin) x (Cin, Cout) instead of 144,
+    and no overlap-add: 2.3x faster in onnxruntime (single thread, batch 32). The transforms add fp32 rounding
+    (see WINOGRAD_POINTS); in float64 the result equals the convolution to 1e-13.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, in_pixels: list[Pixel]) -> None:
+        super().__init__()
+        cin, cout, kernel, _ = weight.shape
+        size_in = math.isqrt(len(in_pixels))
+        if in_pixels != [(i, j) for i in range(size_in) for j in range(size_in)]:
+            raise ValueError("the Winograd layer needs its input pixels as a whole square grid, row by row")
+        evaluate_in, evaluate_kernel, interpolate = toom_cook(size_in, kernel, WINOGRAD_POINTS)
+        # (points, P_in) and (P_out, points): a 2D transform is the Kronecker product of the two axes' ones.
+        self.points_in = nn.Parameter(torch.kron(evaluate_in, evaluate_in).to(weight.dtype), requires_grad=False)
+        self.points_out = nn.Parameter(torch.kron(interpolate, interpolate).to(weight.dtype), requires_grad=False)
+        point_weights = torch.einsum("ia,jb,cdab->ijcd", evaluate_kernel, evaluate_kernel, weight.double())
+        self.point_weights = nn.Parameter(point_weights.reshape(-1, cin, cout).to(weight.dtype), requires_grad=False)
+        self.bias = nn.Parameter(bias.clone(), requires_grad=False)
+        self.cin, self.cout = cin, cout
+        size_out = size_in + kernel - 1
+        self.out_pixels = [(i, j) for i in range(size_out) for j in range(size_out)]
+
+    def forward(self, x: torch.Tensor, batch: torch.Tensor | int) -> list[torch.Tensor]:
+        points = torch.matmul(self.points_in, x.reshape(self.points_in.shape[1], -1))  # (n^2, B * Cin)
+        products = torch.matmul(points.reshape(len(self.point_weights), -1, self.cin), self.point_weights)
+        bias = self.bias.expand(batch, self.cout).reshape(1, -1)  # a Gemm row: each image's Cout biases
+        out = torch.relu(torch.addmm(bias, self.points_out, products.reshape(len(self.point_weights), -1)))
+        return [out.reshape(-1, self.cout)]  # (P_out * B, Cout)
 
 
 class _TransposedConvAsMatmuls(nn.Module):
@@ -154,7 +217,9 @@ class DecoderAsMatmuls(nn.Module):
         self.layers = nn.ModuleList()
         for block in hidden:
             weight, bias = fold_batchnorm(block)
-            self.layers.append(_TransposedConvAsMatmuls(weight, bias, block[0].stride[0], pixels))
+            stride = block[0].stride[0]
+            self.layers.append(_StrideOneConvAsWinograd(weight, bias, pixels) if stride == 1
+                               else _TransposedConvAsMatmuls(weight, bias, stride, pixels))
             pixels = self.layers[-1].out_pixels
         weight, bias = fold_batchnorm(last)
         self.output = _OutputConvAsGatherSum(weight, bias, last[0].stride[0], pixels)
