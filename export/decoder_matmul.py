@@ -26,13 +26,9 @@ import math
 import torch
 import torch.nn as nn
 
-Pixel = tuple[int, int]
+from fastvae.winograd import point_weights, transforms_2d
 
-# Toom-Cook evaluation points (None: infinity) for the 6-point transform of the stride-1 layer: among sets of small
-# fractions, one of the lowest fp32 errors that are exact in binary. Measured against float64 on random weights:
-# the layer's largest error 2.6e-6 of its largest output (direct sum: 1.8e-7; points 0, +-1, +-2: 4.4e-6); the
-# whole decoder's 4.2e-7 (direct: 2.7e-7, eager PyTorch: 2.5e-7).
-WINOGRAD_POINTS = (0.0, -1.0, -2.0, 0.5, 1.5, None)
+Pixel = tuple[int, int]
 
 
 def fold_batchnorm(block: nn.Sequential) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,20 +49,6 @@ def _output_size(in_pixels: list[Pixel], stride: int, kernel: int) -> int:
     return max(row for row, _ in in_pixels) * stride + kernel
 
 
-def toom_cook(size_in: int, kernel: int, points: tuple[float | None, ...]
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(A (n, size_in), G (n, kernel), V_inv (n, n)) in float64, n = size_in + kernel - 1 = len(points): the full
-    linear convolution of a (size_in,) and w (kernel,) is V_inv @ ((A @ a) * (G @ w)). A and G evaluate the two
-    polynomials at the points (at infinity, their leading coefficients), V_inv interpolates the product's."""
-    def evaluate(terms: int) -> torch.Tensor:
-        return torch.tensor([[0.0] * (terms - 1) + [1.0] if point is None else [point**e for e in range(terms)]
-                             for point in points], dtype=torch.float64)
-
-    if size_in + kernel - 1 != len(points):
-        raise ValueError(f"{len(points)} points cannot convolve {size_in} values with a kernel of {kernel}")
-    return evaluate(size_in), evaluate(kernel), torch.linalg.inv(evaluate(size_in + kernel - 1))
-
-
 class _StrideOneConvAsWinograd(nn.Module):
     """ConvTranspose2d (stride 1) + folded BatchNorm + ReLU on pixel-major activations (P_in * B, Cin), pixels in
     row-major order, by Toom-Cook (Winograd) minimal filtering; returns [(P_out * B, Cout)], row-major.
@@ -75,8 +57,8 @@ class _StrideOneConvAsWinograd(nn.Module):
     n points per axis it becomes n^2 independent channel products: points = T_in @ x (one Gemm over the input
     pixels), one matmul per point with the weights transformed at export, out = T_out @ products + bias, ReLU
     (one Gemm). For the lab's 3x3 -> 6x6 layer that is 36 products of (B, Cin) x (Cin, Cout) instead of 144,
-    and no overlap-add: 2.3x faster in onnxruntime (single thread, batch 32). The transforms add fp32 rounding
-    (see WINOGRAD_POINTS); in float64 the result equals the convolution to 1e-13.
+    and no overlap-add: 2.3x faster in onnxruntime (single thread, batch 32). The method, and the fp32 rounding
+    its transforms add, are `fastvae.winograd`'s: the training path computes the same layer the same way.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, in_pixels: list[Pixel]) -> None:
@@ -85,12 +67,11 @@ class _StrideOneConvAsWinograd(nn.Module):
         size_in = math.isqrt(len(in_pixels))
         if in_pixels != [(i, j) for i in range(size_in) for j in range(size_in)]:
             raise ValueError("the Winograd layer needs its input pixels as a whole square grid, row by row")
-        evaluate_in, evaluate_kernel, interpolate = toom_cook(size_in, kernel, WINOGRAD_POINTS)
-        # (points, P_in) and (P_out, points): a 2D transform is the Kronecker product of the two axes' ones.
-        self.points_in = nn.Parameter(torch.kron(evaluate_in, evaluate_in).to(weight.dtype), requires_grad=False)
-        self.points_out = nn.Parameter(torch.kron(interpolate, interpolate).to(weight.dtype), requires_grad=False)
-        point_weights = torch.einsum("ia,jb,cdab->ijcd", evaluate_kernel, evaluate_kernel, weight.double())
-        self.point_weights = nn.Parameter(point_weights.reshape(-1, cin, cout).to(weight.dtype), requires_grad=False)
+        points_in, evaluate_kernel, points_out = transforms_2d(size_in, kernel)
+        self.points_in = nn.Parameter(points_in.to(weight.dtype), requires_grad=False)  # (points, P_in)
+        self.points_out = nn.Parameter(points_out.to(weight.dtype), requires_grad=False)  # (P_out, points)
+        weights = point_weights(weight.double(), evaluate_kernel)  # transformed in float64, rounded once
+        self.point_weights = nn.Parameter(weights.to(weight.dtype), requires_grad=False)
         self.bias = nn.Parameter(bias.clone(), requires_grad=False)
         self.cin, self.cout = cin, cout
         size_out = size_in + kernel - 1

@@ -1,8 +1,9 @@
 """The fast VAE: the lab's function with a logits decoder, the fused reparameterize+KL op and cheaper layers.
 
-Cheaper layers: the first decoder layer is a matrix product, the other three decoder layers and the encoder's
-last one are convolutions written as one matmul per pass (`fastvae.conv_as_matmul`), and activations stay
-channels_last. An exported graph keeps the standard Conv/ConvTranspose ops, which onnxruntime runs itself.
+Cheaper layers: the first decoder layer is a matrix product, the second (stride 1) runs as Winograd minimal
+filtering (`fastvae.winograd`), the last two decoder layers and the encoder's last one are convolutions written
+as one matmul per pass (`fastvae.conv_as_matmul`), and activations stay channels_last. An exported graph keeps
+the standard Conv/ConvTranspose ops, which onnxruntime runs itself.
 Parameter names and shapes equal `fastvae.reference.VAE`'s, so one state dict loads into either.
 """
 
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from fastvae.config import ModelConfig
 from fastvae.conv_as_matmul import conv2d_as_matmul, conv_transpose2d_as_matmul
 from fastvae.kernels import reparameterize_kl, reparameterize_kl_sampled
+from fastvae.winograd import conv_transpose2d_winograd
 
 
 def _conv_block(cin: int, cout: int, *, final: bool) -> nn.Sequential:
@@ -73,7 +75,8 @@ class Decoder(nn.Module):
         x = x.contiguous(memory_format=torch.channels_last)
         x = self.gen[0][2](self.gen[0][1](x))
         for block in self.gen[1:]:
-            x = block[1:](conv_transpose2d_as_matmul(x, block[0]))
+            conv = conv_transpose2d_winograd if block[0].stride[0] == 1 else conv_transpose2d_as_matmul
+            x = block[1:](conv(x, block[0]))
         return x
 
 

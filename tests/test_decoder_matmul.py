@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fastvae.config import ModelConfig
-from fastvae.export.decoder_matmul import WINOGRAD_POINTS, DecoderAsMatmuls, toom_cook
+from fastvae.export.decoder_matmul import DecoderAsMatmuls
 from fastvae.model import VAE
 from tests.conftest import TOLERANCES, relative_error
 
@@ -38,7 +38,7 @@ def test_equals_the_decoder_in_float64(config: ModelConfig, batch: int) -> None:
 
 
 def test_equals_the_decoder_in_float32() -> None:
-    """fp32 rounding: the Winograd transforms add some (see WINOGRAD_POINTS); the whole stays within fp32's bound."""
+    """fp32 rounding: the Winograd transforms add some (see fastvae.winograd); the whole stays within fp32's bound."""
     model = _trained_looking(ModelConfig())
     fast = DecoderAsMatmuls(model.float().decode)
     z = torch.randn(64, 32)
@@ -46,20 +46,6 @@ def test_equals_the_decoder_in_float32() -> None:
         expected = model.double().decode(z.double())
         actual = fast(z)
     assert relative_error(actual.double(), expected) < TOLERANCES[torch.float32]
-
-
-@pytest.mark.parametrize("size_in, kernel", [(3, 4), (2, 5), (4, 3)])
-def test_toom_cook_computes_the_full_convolution(size_in: int, kernel: int) -> None:
-    evaluate_in, evaluate_kernel, interpolate = toom_cook(size_in, kernel, WINOGRAD_POINTS)
-    a, w = torch.randn(size_in, dtype=torch.float64), torch.randn(kernel, dtype=torch.float64)
-    expected = torch.nn.functional.conv_transpose1d(a.view(1, 1, -1), w.view(1, 1, -1)).flatten()
-    torch.testing.assert_close(interpolate @ ((evaluate_in @ a) * (evaluate_kernel @ w)), expected,
-                               rtol=1e-12, atol=1e-12)
-
-
-def test_toom_cook_needs_one_point_per_output() -> None:
-    with pytest.raises(ValueError, match="6 points cannot convolve 3 values with a kernel of 3"):
-        toom_cook(3, 3, WINOGRAD_POINTS)
 
 
 def test_every_tap_lands_once() -> None:
