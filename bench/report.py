@@ -31,7 +31,9 @@ def markdown(results: dict[str, Any]) -> str:
     info = results.get("machine_info", {})
     cpu = info.get("cpu", {}).get("brand_raw", "unknown CPU")
     lines = [f"Machine: {cpu}, {info.get('cpu', {}).get('count', '?')} cores; "
-             f"{results.get('datetime', '')[:10]}. Medians; ratio = speed-up over the group's reference.", ""]
+             f"{results.get('datetime', '')[:10]}. Medians; ratio = speed-up over the group's reference. GFLOP/s "
+             "counts the direct convolutions' FLOPs (fastvae/flops.py): paths with the Winograd layer do fewer, so "
+             "theirs is effective and can pass the matmul ceiling.", ""]
     for group, rows in groups.items():
         base = _baseline(rows)["stats"]["median"]
         lines += [f"**{group}**", "",
