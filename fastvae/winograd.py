@@ -6,7 +6,7 @@ products: points = T_in @ x over the input pixels, one (batch, Cin) x (Cin, Cout
 weights transformed (G W G^T), and out = T_out @ products over the points, which interpolates the output pixels.
 For the lab's 3x3 -> 6x6 layer with a 4x4 kernel that is 36 products per image instead of 144, with no overlap-add;
 the backward pass is the same three steps, transposed. Measured on a 2-core Xeon, a training step at batch 1024
-took 213 ms against 288 ms with the layer as one matmul plus a scatter (`fastvae.conv_as_matmul`).
+took 229 ms against 288 ms with the layer as one matmul plus a scatter (`fastvae.conv_as_matmul`).
 
 The transforms add fp32 rounding (see WINOGRAD_POINTS): ~2e-6 relative on the layer's output and gradients, within
 fp32's 1e-5; in float64 the result equals the convolution to 1e-13. bf16 keeps the direct form, since the
