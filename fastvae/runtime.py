@@ -6,6 +6,7 @@ Every check on the caller's input raises ValueError naming what was expected, so
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import os
 import sys
@@ -147,8 +148,13 @@ class OnnxVAE:
         split = split_batches and self.provider == "CPUExecutionProvider" and self.part != "encoder"
         self._workers = physical_cores() if split else 1
         if self._workers > 1:
-            self._piece_session = make_session(self.path, "cpu", threads=1)
             self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="fastvae-onnx")
+
+    @functools.cached_property
+    def _piece_session(self) -> ort.InferenceSession:
+        """The single-threaded session the pieces run on, made by the first split batch: a caller with small
+        batches never pays for loading the model twice."""
+        return make_session(self.path, "cpu", threads=1)
 
     @property
     def provider(self) -> str:
@@ -171,8 +177,9 @@ class OnnxVAE:
         if len(pieces) == 1:
             self._run_piece(self.session, feeds, outputs, *pieces[0])
         else:
+            session = self._piece_session  # made here, once, before the threads use it
             # onnxruntime releases the GIL while it runs, so the pieces run on all cores at once.
-            list(self._pool.map(lambda piece: self._run_piece(self._piece_session, feeds, outputs, *piece), pieces))
+            list(self._pool.map(lambda piece: self._run_piece(session, feeds, outputs, *piece), pieces))
         return outputs
 
     def _run_piece(self, session: ort.InferenceSession, feeds: dict[str, np.ndarray], outputs: list[np.ndarray],
