@@ -21,10 +21,11 @@ import torch
 from bench.conftest import record_throughput
 from fastvae import reference
 from fastvae.checkpoint import save_checkpoint
-from fastvae.config import ModelConfig
+from fastvae.config import ModelConfig, TrainConfig
 from fastvae.export.onnx import DECODER_GRAPHS, export_onnx, part_module
 from fastvae.flops import forward_flops
 from fastvae.model import VAE
+from fastvae.run_folder import new_record
 from fastvae.runtime import OnnxVAE, gpu_present
 
 PARTS = ("decoder", "encoder")
@@ -44,7 +45,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     lab.load_state_dict(fast.state_dict())
     folder = tmp_path_factory.mktemp("bench-inference")
     (folder / "run").mkdir()
-    save_checkpoint(folder / "run", fast, config, {"epochs_done": 0}, {})
+    save_checkpoint(folder / "run", fast, config, new_record(config, TrainConfig()), {})
     onnx_files = {(part, graph): folder / f"{part}-{graph}.onnx" for part in PARTS for graph in DECODER_GRAPHS}
     for (part, graph), path in onnx_files.items():  # test_export verifies parity; here only speed is measured
         export_onnx(path, folder / "run", part, decoder_graph=graph, verify=False, log=lambda _: None)

@@ -1,7 +1,5 @@
-"""A run folder: weights (safetensors), optimizer state, and run.json (configs + per-epoch metrics).
-
-Each file is written atomically; run.json is written last and names the epoch the weights hold, so a
-crash mid-save leaves the previous, consistent checkpoint readable.
+"""Checkpoints: the model's weights (safetensors, model config in the metadata) and the optimizer state, saved
+into a run folder's checkpoint folder (fastvae.run_folder) and read back, from a run folder or a weights file.
 """
 
 from __future__ import annotations
@@ -23,12 +21,9 @@ from safetensors.torch import save as save_safetensors
 
 from fastvae.config import ModelConfig
 from fastvae.errors import FastVAEError
-from fastvae.files import atomic_write
 from fastvae.model import VAE
+from fastvae.run_folder import OPTIMIZER, RECORD, WEIGHTS, checkpoint_dir, commit_checkpoint, load_record
 
-WEIGHTS = "model.safetensors"
-OPTIMIZER = "optimizer.pt"
-RECORD = "run.json"
 FORMAT = "fastvae-1"
 
 
@@ -55,45 +50,60 @@ def _interrupts_deferred() -> Iterator[None]:
 def save_checkpoint(
     out_dir: Path, model: torch.nn.Module, config: ModelConfig, record: dict[str, Any],
     optimizer_state: dict[str, Any],
-) -> None:
-    """Write weights, optimizer state and the run record for the epoch `record['epochs_done']`."""
+) -> str:
+    """Write weights, optimizer state and the run record (a fastvae.run_folder.RunRecord as a dict) for the
+    epoch `record['epochs_done']`; returns the checkpoint folder's name. The previous checkpoint stays loadable
+    until this one is complete."""
     epoch = str(record["epochs_done"])
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     metadata = {"format": FORMAT, "model_config": json.dumps(asdict(config)), "epoch": epoch}
     weights = save_safetensors(tensors, metadata=metadata)
-    text = json.dumps(record, indent=2).encode()
-    # Each file is atomic; deferring interrupts keeps the three of them one epoch's set as well.
+    files = {
+        WEIGHTS: lambda f: f.write(weights),
+        OPTIMIZER: lambda f: torch.save({**optimizer_state, "epoch": epoch}, f),
+    }
+    # A kill cannot break the folder (see commit_checkpoint); deferring Ctrl-C and SIGTERM also lets a save
+    # that has begun finish.
     with _interrupts_deferred():
-        atomic_write(out_dir / WEIGHTS, lambda f: f.write(weights))
-        atomic_write(out_dir / OPTIMIZER, lambda f: torch.save({**optimizer_state, "epoch": epoch}, f))
-        atomic_write(out_dir / RECORD, lambda f: f.write(text))
+        return commit_checkpoint(out_dir, record, files)
 
 
-def _weights_path(path: Path) -> Path:
+def _weights_path(path: Path) -> tuple[Path, int | None]:
+    """The weights file of a run folder (its last complete checkpoint) or the file itself, and the epoch the
+    run record says it holds (None for a bare file)."""
     if path.is_dir():
+        if (path / RECORD).is_file():
+            record = load_record(path)
+            return checkpoint_dir(path, record) / WEIGHTS, record["epochs_done"]
         path = path / WEIGHTS
     if not path.is_file():
         raise FastVAEError(f"no checkpoint at {path}: pass a run folder written by `fastvae train`")
-    return path
+    return path, None
 
 
 def load_weights(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], int]:
-    """Read a run folder or its model.safetensors: (model config, state dict, epochs trained)."""
-    path = _weights_path(Path(path))
-    raw = path.read_bytes()
+    """Read a run folder or a model.safetensors: (model config, state dict, epochs trained)."""
+    path, recorded_epoch = _weights_path(Path(path))
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise FastVAEError(f"cannot read {path} ({e.strerror}); restore it or train again") from e
     try:
         state = load_safetensors(raw)
         header_len = int.from_bytes(raw[:8], "little")
         metadata = json.loads(raw[8 : 8 + header_len]).get("__metadata__") or {}
-    except (SafetensorError, ValueError, UnicodeDecodeError) as e:
+    except (SafetensorError, ValueError, UnicodeDecodeError, AttributeError) as e:
         raise FastVAEError(f"{path} is corrupt or not a safetensors file ({e}); train again or restore it") from e
     if metadata.get("format") != FORMAT:
         raise FastVAEError(f"{path} is not a fastvae checkpoint (no '{FORMAT}' metadata)")
     try:
         config = ModelConfig(**json.loads(metadata["model_config"]))
         epoch = int(metadata["epoch"])
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, FastVAEError) as e:
         raise FastVAEError(f"{path} has unreadable fastvae metadata ({e})") from e
+    if recorded_epoch is not None and epoch != recorded_epoch:
+        raise FastVAEError(f"{path} holds epoch {epoch} but {RECORD} says {recorded_epoch}: the run folder was "
+                           "changed by hand; restore it or start a new --out")
     return config, state, epoch
 
 
@@ -120,27 +130,18 @@ def load_model(path: str | Path) -> tuple[VAE, int]:
     return model, epoch
 
 
-def load_record(out_dir: Path) -> dict[str, Any]:
-    path = out_dir / RECORD
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError as e:
-        raise FastVAEError(f"no {RECORD} in {out_dir}: nothing to resume; drop --resume to start") from e
-    except (OSError, ValueError) as e:
-        raise FastVAEError(f"{path} is unreadable ({e}); it is not a fastvae run folder") from e
-
-
 def load_optimizer_state(out_dir: Path, epoch: int) -> dict[str, Any]:
-    path = out_dir / OPTIMIZER
+    """The optimizer and gradient-scaler state saved with epoch `epoch`'s weights in run folder `out_dir`."""
+    path = checkpoint_dir(out_dir, load_record(out_dir)) / OPTIMIZER
     try:
         state = torch.load(io.BytesIO(path.read_bytes()), weights_only=True)
     except FileNotFoundError as e:
-        raise FastVAEError(f"no {OPTIMIZER} in {out_dir}: cannot resume exactly") from e
+        raise FastVAEError(f"no {OPTIMIZER} in {path.parent}: cannot resume exactly") from e
     except Exception as e:  # torch.load raises many types for a damaged file
         raise FastVAEError(f"{path} is corrupt ({type(e).__name__}); cannot resume") from e
-    if state.get("epoch") != str(epoch):
+    if not isinstance(state, dict) or state.get("epoch") != str(epoch):
         raise FastVAEError(
-            f"{path} belongs to epoch {state.get('epoch')} but the weights to epoch {epoch}: "
+            f"{path} does not belong to epoch {epoch}, the weights' epoch: "
             "the checkpoint is inconsistent; start a new --out"
         )
     return state

@@ -24,8 +24,40 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def versions() -> str:
+    """fastvae's version, those of the libraries it runs on, and the device `--device auto` would pick."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import fastvae
+
+    def installed(*names: str) -> str:
+        for name in names:
+            try:
+                return version(name)
+            except PackageNotFoundError:
+                continue
+        return "not installed"
+
+    import torch
+
+    device = f"cuda ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else "cpu"
+    return (f"fastvae {fastvae.__version__} (torch {torch.__version__}, onnxruntime "
+            f"{installed('onnxruntime-gpu', 'onnxruntime')}, triton {installed('triton')}; device: {device})")
+
+
+class _PrintVersions(argparse.Action):
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print the versions of fastvae, torch, onnxruntime and Triton, and the device, then exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        print(versions())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastvae", description=__doc__)
+    parser.add_argument("-V", "--version", action=_PrintVersions)
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train the VAE; writes weights, metrics and image grids to --out")
@@ -99,8 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train_configs(args: argparse.Namespace):
-    from fastvae.checkpoint import load_record
     from fastvae.config import ModelConfig, TrainConfig
+    from fastvae.run_folder import load_record
 
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None}
     z_dim = args.z_dim
@@ -123,13 +155,10 @@ def _train_configs(args: argparse.Namespace):
 
 
 def _train(args: argparse.Namespace) -> int:
-    from fastvae.distributed import from_env
+    config, model_config = _train_configs(args)  # every option is checked before torch is imported
     from fastvae.train import train
 
-    config, model_config = _train_configs(args)
     train(config, model_config, args.out, resume=args.resume, progress=not args.no_progress)
-    if from_env().main:  # under torchrun, rank 0 alone writes
-        print(f"wrote {args.out}: model.safetensors, run.json, recon.png, samples.png")
     return 0
 
 

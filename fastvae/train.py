@@ -6,6 +6,7 @@ what ran before it: resuming at an epoch boundary reproduces an uninterrupted ru
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -17,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from fastvae import distributed, reference
-from fastvae.checkpoint import load_into, load_optimizer_state, load_record, load_weights, save_checkpoint
+from fastvae.checkpoint import load_into, load_optimizer_state, load_weights, save_checkpoint
 from fastvae.config import ModelConfig, TrainConfig
 from fastvae.data import load_images, shuffled_batches, to_float
 from fastvae.distributed import Launch
@@ -28,8 +29,10 @@ from fastvae.kernels import resolve_kernel
 from fastvae.kernels.reparameterize_kl import sample_eps_torch
 from fastvae.malloc import keep_freed_memory
 from fastvae.model import VAE, vae_loss
+from fastvae.run_folder import RECORD, crash_point, load_record, new_record
 
 _SHUFFLE, _EPS, _EVAL, _SAMPLES = range(4)
+IMAGES = ("recon.png", "samples.png")
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -167,12 +170,11 @@ class Trainer:
             self.loss_fn = torch.compile(loss_fn, fullgraph=fullgraph) if config.compile else loss_fn
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype is torch.float16)
-        self.record: dict[str, Any] = {
-            "model_config": asdict(model_config), "train_config": asdict(config),
-            "device": str(self.device), "world_size": launch.world_size,
-            "amp_dtype": str(self.dtype).replace("torch.", "") if self.dtype else None,
-            "kernel": self.kernel, "kernel_reason": kernel_reason, "epochs_done": 0, "epochs": [],
-        }
+        self.record = new_record(
+            model_config, config, device=str(self.device), world_size=launch.world_size,
+            amp_dtype=str(self.dtype).replace("torch.", "") if self.dtype else None, kernel=self.kernel,
+            kernel_reason=kernel_reason,
+        )
 
     def resume(self) -> None:
         record = load_record(self.out_dir)
@@ -182,15 +184,18 @@ class Trainer:
                 f"the checkpoint in {self.out_dir} has model {asdict(config)}, these options ask for "
                 f"{asdict(self.model_config)}: drop the conflicting option (e.g. --z-dim) or use a new --out"
             )
-        if record.get("epochs_done") != epoch:
-            raise FastVAEError(f"{self.out_dir}: run.json and the weights disagree on the epoch; start anew")
         load_into(self.model, state, self.out_dir)
         saved = load_optimizer_state(self.out_dir, epoch)
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scaler.load_state_dict(saved["scaler"])
         self.record["epochs_done"] = epoch
-        self.record["epochs"] = record.get("epochs", [])
+        self.record["epochs"] = record["epochs"]
+        self.record["checkpoint"] = record["checkpoint"]
         self.log(f"resuming {self.out_dir} after epoch {epoch}")
+        missing = [name for name in IMAGES if not (self.out_dir / name).exists()]
+        if missing and self.launch.main:  # a kill landed between the checkpoint and its pictures
+            self.save_images()
+            self.log(f"wrote the missing {', '.join(missing)} from epoch {epoch}'s weights")
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """One pass over the training set; `epoch` counts from 1."""
@@ -249,21 +254,30 @@ class Trainer:
 
     def save(self) -> None:
         optimizer_state = {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
-        save_checkpoint(self.out_dir, self.model, self.model_config, self.record, optimizer_state)
+        self.record["checkpoint"] = save_checkpoint(self.out_dir, self.model, self.model_config, self.record,
+                                                    optimizer_state)
+        self.save_images()
+
+    def save_images(self) -> None:
+        """recon.png (16 test images above their reconstructions) and samples.png (64 decoded z ~ N(0, I))."""
         model = self.fast_model().eval()
+        epoch = self.record["epochs_done"]
         with torch.no_grad():
             true = to_float(self.test_images[:16])
             recon = torch.sigmoid(model(true, torch.zeros(16, self.model_config.z_dim, device=self.device))[0])
-            save_png(self.out_dir / "recon.png", torch.cat([true, recon]).cpu().numpy(), nrow=16)
+            save_png(self.out_dir / IMAGES[0], torch.cat([true, recon]).cpu().numpy(), nrow=16)
+            crash_point(epoch)
             z = torch.randn((64, self.model_config.z_dim), generator=generator(
                 self.config.seed, 0, _SAMPLES, device=self.device), device=self.device)
-            save_png(self.out_dir / "samples.png", torch.sigmoid(model.decode(z)).cpu().numpy(), nrow=8)
+            save_png(self.out_dir / IMAGES[1], torch.sigmoid(model.decode(z)).cpu().numpy(), nrow=8)
+            crash_point(epoch)
 
     def fit(self) -> dict[str, Any]:
         config = self.config
         start_epoch = self.record["epochs_done"] + 1
         if start_epoch > config.epochs:
-            self.log(f"{self.out_dir} already holds {start_epoch - 1} epochs; pass a larger --epochs to go on")
+            self.log(f"{self.out_dir} already holds {start_epoch - 1} epochs (--epochs {config.epochs}): nothing "
+                     "was trained or written; pass a larger --epochs to go on")
             return self.record
         for epoch in range(start_epoch, config.epochs + 1):
             metrics = self.train_epoch(epoch)
@@ -281,6 +295,8 @@ class Trainer:
                     f"{metrics['test_neg_elbo']:.2f} nats/image, {metrics['images_per_s']:.0f} images/s{first}"
                 )
             distributed.barrier()
+        self.log(f"wrote {self.out_dir}: epochs {start_epoch}-{config.epochs} ({RECORD}, "
+                 f"{self.record['checkpoint']}/, {', '.join(IMAGES)})")
         return self.record
 
 
@@ -294,14 +310,31 @@ def train(config: TrainConfig, model_config: ModelConfig, out: str | Path, resum
     launch = distributed.from_env()
     device = distributed.rank_device(resolve_device(config.device), launch)
     distributed.check_options(config, launch, device)
+    out_dir, created = Path(out), None
     if launch.main:
-        out_dir = ensure_writable_dir(out)
-        if not resume and (out_dir / "run.json").exists():
+        created = _first_missing(out_dir)
+        ensure_writable_dir(out_dir)
+        if not resume and (out_dir / RECORD).exists():
             raise FastVAEError(f"{out_dir} already holds a run: pass --resume to continue it, or choose another --out")
     else:
-        out_dir, log, progress = Path(out), lambda _: None, False
-    with distributed.process_group(launch, device, config.dist_timeout):
-        trainer = Trainer(config, model_config, out_dir, log, progress, launch)
-        if resume:
-            trainer.resume()
-        return trainer.fit()
+        log, progress = lambda _: None, False
+    try:
+        with distributed.process_group(launch, device, config.dist_timeout):
+            trainer = Trainer(config, model_config, out_dir, log, progress, launch)
+            if resume:
+                trainer.resume()
+            return trainer.fit()
+    except BaseException:
+        if created is not None and not (out_dir / RECORD).exists():  # failed before its first checkpoint
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of `path` (itself included) that does not exist yet: what creating it would add."""
+    missing = None
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing = folder
+    return missing

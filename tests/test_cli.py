@@ -10,10 +10,7 @@ import pytest
 from safetensors.torch import save_file
 
 from fastvae.cli import main
-
-
-def _snapshot(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in folder.iterdir()}
+from tests.helpers import folder_snapshot
 
 
 @pytest.fixture(scope="module")
@@ -62,19 +59,19 @@ def test_unwritable_output(tiny_data_dir: Path, tmp_path: Path, capsys: pytest.C
 
 def test_existing_run_is_not_overwritten(trained_run: Path, tiny_data_dir: Path,
                                          capsys: pytest.CaptureFixture[str]) -> None:
-    before = _snapshot(trained_run)
+    before = folder_snapshot(trained_run)
     _fails(["train", "--data-dir", str(tiny_data_dir), "--out", str(trained_run)], capsys, "--resume")
-    assert _snapshot(trained_run) == before
+    assert folder_snapshot(trained_run) == before
 
 
 def test_z_dim_disagreeing_with_checkpoint(trained_run: Path, tiny_data_dir: Path,
                                            capsys: pytest.CaptureFixture[str]) -> None:
-    before = _snapshot(trained_run)
+    before = folder_snapshot(trained_run)
     _fails(["train", "--resume", "--z-dim", "16", "--epochs", "2", "--data-dir", str(tiny_data_dir),
             "--out", str(trained_run)], capsys, "--z-dim 16 disagrees", "z_dim 8")
     _fails(["train", "--resume", "--seed", "99", "--epochs", "2", "--data-dir", str(tiny_data_dir),
             "--out", str(trained_run)], capsys, "--seed 99 disagrees")
-    assert _snapshot(trained_run) == before
+    assert folder_snapshot(trained_run) == before
 
 
 def test_resume_without_a_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -84,7 +81,7 @@ def test_resume_without_a_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 def test_eval_corrupt_checkpoint(trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     broken = tmp_path / "broken"
     broken.mkdir()
-    (broken / "model.safetensors").write_bytes((trained_run / "model.safetensors").read_bytes()[:5000])
+    (broken / "model.safetensors").write_bytes((trained_run / "epoch-1" / "model.safetensors").read_bytes()[:5000])
     _fails(["eval", str(broken)], capsys, "corrupt")
 
 

@@ -18,17 +18,19 @@ import pytest
 import torch
 
 from fastvae import train as train_module
-from fastvae.checkpoint import load_optimizer_state, load_record, load_weights
+from fastvae.checkpoint import load_optimizer_state, load_weights
 from fastvae.cli import main
 from fastvae.data import shuffled_batches
 from fastvae.model import VAE
+from fastvae.run_folder import load_record
 from tests.conftest import TOLERANCES, relative_error
+from tests.helpers import folder_snapshot
 
 WORLD = 2
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}"]
 # Global batch 16 (8 per process), 4 steps an epoch.
 ARGS = ["--limit-train", "64", "--batch-size", "16", "--epochs", "2", "--z-dim", "8", "--seed", "5", "--no-progress"]
-RUN_FILES = {"model.safetensors", "optimizer.pt", "run.json", "recon.png", "samples.png"}
+RUN_FILES = {"epoch-2/model.safetensors", "epoch-2/optimizer.pt", "run.json", "recon.png", "samples.png"}
 
 
 def _torchrun(data_dir: Path, out: Path, *args: str) -> list[str]:
@@ -103,7 +105,7 @@ def test_two_processes_train_the_single_process_function(
     assert expected.keys() == actual.keys()
     for name in expected:
         assert relative_error(actual[name].double(), expected[name].double()) <= TOLERANCES[torch.float32], name
-    moments = [torch.load(d / "optimizer.pt", weights_only=True)["optimizer"]["state"] for d in (reference, dist_out)]
+    moments = [load_optimizer_state(d, 2)["optimizer"]["state"] for d in (reference, dist_out)]
     for index, state in moments[0].items():
         for name in ("exp_avg", "exp_avg_sq"):
             error = relative_error(moments[1][index][name], state[name])
@@ -116,7 +118,7 @@ def test_two_processes_train_the_single_process_function(
 
 def test_rank_zero_alone_logs_and_writes(two_process_run: tuple[Path, str]) -> None:
     out, stdout = two_process_run
-    assert {p.name for p in out.iterdir()} == RUN_FILES, "duplicate or temp files"
+    assert set(folder_snapshot(out)) == RUN_FILES, "duplicate or temp files"
     lines = stdout.splitlines()
     for prefix in ("kernel:", "epoch 1/2:", "epoch 2/2:", "wrote"):
         assert sum(line.startswith(prefix) for line in lines) == 1, stdout

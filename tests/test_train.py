@@ -13,13 +13,15 @@ from torch.distributions import Normal
 
 from fastvae import reference
 from fastvae import train as train_module
-from fastvae.checkpoint import load_weights
+from fastvae.checkpoint import load_weights, save_checkpoint
 from fastvae.cli import main
-from fastvae.config import ModelConfig
+from fastvae.config import ModelConfig, TrainConfig
 from fastvae.data import load_images
 from fastvae.evaluate import importance_weighted_bound, negative_elbo
 from fastvae.kernels.counter_normal import counter_normal
 from fastvae.model import VAE
+from fastvae.run_folder import new_record
+from tests.helpers import folder_snapshot
 
 
 def _train(data_dir: Path, out: Path, *extra: str) -> int:
@@ -78,7 +80,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(
 ) -> None:
     out = tmp_path / "run"
     assert _train(tiny_data_dir, out, "--epochs", "1") == 0
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    before = folder_snapshot(out)
     real = train_module.make_loss_fn
     calls = {"n": 0}
 
@@ -97,7 +99,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(
                  "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "epoch 2, step 3" in err[0] and "epoch 1" in err[0]
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert folder_snapshot(out) == before
 
 
 def test_bounds_order_and_finiteness(tiny_data_dir: Path) -> None:
@@ -132,28 +134,29 @@ def test_iwae_matches_a_direct_computation(tiny_data_dir: Path) -> None:
 
 
 def test_interrupt_during_save_waits_for_a_whole_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """SIGTERM (torchrun stopping a job) or Ctrl-C mid-save is delivered only after all three files are written."""
+    """SIGTERM (torchrun stopping a job) or Ctrl-C mid-save is delivered only after the checkpoint is complete."""
     import os
     import signal
 
-    from fastvae import checkpoint
+    from fastvae import run_folder
 
     seen: list[set[str]] = []
-    previous = signal.signal(signal.SIGTERM, lambda *_: seen.append({p.name for p in tmp_path.iterdir()}))
-    real_write = checkpoint.atomic_write
+    previous = signal.signal(signal.SIGTERM, lambda *_: seen.append({str(p.relative_to(tmp_path))
+                                                                      for p in tmp_path.rglob("*")}))
+    real_write = run_folder.atomic_write
 
     def write_then_interrupt(path, write):
         real_write(path, write)
-        if path.name == checkpoint.WEIGHTS:
+        if path.name == run_folder.WEIGHTS:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(checkpoint, "atomic_write", write_then_interrupt)
+    monkeypatch.setattr(run_folder, "atomic_write", write_then_interrupt)
     try:
-        record = {"epochs_done": 1, "epochs": []}
-        checkpoint.save_checkpoint(tmp_path, VAE(), ModelConfig(), record, {"optimizer": {}})
+        record = new_record(ModelConfig(), TrainConfig(), epochs_done=1)
+        save_checkpoint(tmp_path, VAE(), ModelConfig(), record, {"optimizer": {}})
     finally:
         signal.signal(signal.SIGTERM, previous)
-    assert seen == [{checkpoint.WEIGHTS, checkpoint.OPTIMIZER, checkpoint.RECORD}]
+    assert seen == [{"epoch-1", "epoch-1/model.safetensors", "epoch-1/optimizer.pt", "run.json"}]
 
 
 def test_loss_fns_draw_eps_from_the_seed_offset_pair() -> None:
