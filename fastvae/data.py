@@ -7,7 +7,9 @@ worker process ever stands between the data and the model.
 from __future__ import annotations
 
 import gzip
+import math
 import os
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,34 +23,99 @@ FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 MNIST_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastvae"
 _SPLIT_PREFIX = {"train": "train", "test": "t10k"}
 _UBYTE = 0x08
+_GZIP_MAGIC = b"\x1f\x8b"
+_MAX_NDIM = 32  # numpy 1's limit (numpy 2 allows 64); MNIST files have 1 or 3
+_MAX_BYTES = 2**34  # 16 GiB, over 300 whole MNIST splits: a header asking more is corrupt, not data
+_CHUNK = 1 << 20  # inflate this much per call at most, so the peak is the output plus one chunk
+
+
+class _Gunzip:
+    """Inflate gzip data on demand and never past the bytes asked for, which the IDX header bounds.
+
+    Concatenated members read as one stream, as RFC 1952 and gzip(1) have it (`cat a.gz b.gz` is valid gzip).
+    Any other bytes after the last member, zero padding included, are refused although Python's gzip skips
+    zeros: a file that is not exactly what it claims is flagged, as a plain IDX file with extra bytes is.
+    """
+
+    def __init__(self, raw: bytes, path: Path) -> None:
+        self.out = bytearray()
+        self._path = path
+        self._inflater = zlib.decompressobj(wbits=31)  # 16 + 15: gzip wrapper only; zlib checks CRC-32 and length
+        self._input = raw
+
+    def fill(self, n: int) -> bytearray:
+        """Inflate until at least n bytes are out or the data ends, and return all bytes out so far."""
+        while len(self.out) < n:
+            if self._inflater.eof:
+                rest = self._inflater.unused_data
+                if not rest:
+                    break
+                if rest[:2] != _GZIP_MAGIC:
+                    raise FastVAEError(
+                        f"cannot read IDX file {self._path}: {len(rest)} stray bytes after the gzip data; "
+                        "download the file again"
+                    )
+                self._inflater = zlib.decompressobj(wbits=31)
+                self._input = rest
+            try:
+                chunk = self._inflater.decompress(self._input, min(n - len(self.out), _CHUNK))
+            except zlib.error as e:
+                raise FastVAEError(
+                    f"cannot read IDX file {self._path}: corrupt gzip data ({e}); download the file again"
+                ) from e
+            self._input = self._inflater.unconsumed_tail
+            # All input taken, nothing out and the member unfinished: the file was cut short.
+            if not chunk and not self._input and not self._inflater.eof:
+                raise FastVAEError(
+                    f"cannot read IDX file {self._path}: the gzip data ends early; download the file again"
+                )
+            self.out += chunk
+        return self.out
 
 
 def read_idx(path: str | Path) -> np.ndarray:
-    """Read an IDX file (plain or gzip) of unsigned bytes into an array of the shape its header gives."""
+    """Read an IDX file (plain or gzip) of unsigned bytes into an array of the shape its header gives.
+
+    gzip data is inflated no further than the header says it holds, and a header over _MAX_BYTES is refused,
+    so neither a corrupt header nor a gzip bomb can make the reader allocate more than the file justifies.
+    """
     path = Path(path)
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
-        if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
-    except (OSError, EOFError) as e:
+        raw = path.read_bytes()
+    except OSError as e:
         raise FastVAEError(f"cannot read IDX file {path}: {e}") from e
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+    gzipped = raw[:2] == _GZIP_MAGIC
+    fill = _Gunzip(raw, path).fill if gzipped else lambda n: raw
+    data = fill(4)
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
         raise FastVAEError(f"{path} is not an IDX file (bad magic number); expected MNIST-format data")
-    if raw[2] != _UBYTE:
-        raise FastVAEError(f"{path}: IDX type code 0x{raw[2]:02x} is not supported; expected unsigned bytes")
-    ndim = raw[3]
+    if data[2] != _UBYTE:
+        raise FastVAEError(f"{path}: IDX type code 0x{data[2]:02x} is not supported; expected unsigned bytes")
+    ndim = data[3]
+    if not 1 <= ndim <= _MAX_NDIM:
+        raise FastVAEError(
+            f"{path}: IDX header gives {ndim} dimensions, expected 1 to {_MAX_NDIM}; the header is corrupt"
+        )
     header = 4 + 4 * ndim
-    if len(raw) < header:
+    data = fill(header)
+    if len(data) < header:
         raise FastVAEError(f"{path} is truncated: the header is incomplete")
-    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    expected = int(np.prod(shape, dtype=np.int64))
-    if len(raw) - header != expected:
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    # Python ints, as np.prod wraps in int64 (65536**4 gives 0). Zero dims count as 1 here because numpy
+    # refuses even an empty shape like (0, 2**32 - 1, 2**32 - 1, 2**32 - 1) whose other dims overflow.
+    if math.prod(max(d, 1) for d in shape) > _MAX_BYTES:
+        raise FastVAEError(
+            f"{path}: IDX header gives shape {shape}, over the {_MAX_BYTES}-byte limit; the header is corrupt"
+        )
+    expected = math.prod(shape)
+    data = fill(header + expected + 1)  # one byte more than the header says, to see that the data ends there
+    if len(data) - header != expected:
+        found = f"more than {expected}" if gzipped and len(data) > header + expected else len(data) - header
         raise FastVAEError(
             f"{path} is truncated or corrupt: header says {shape} = {expected} bytes, "
-            f"found {len(raw) - header}; download the file again"
+            f"found {found}; download the file again"
         )
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
 
 
 def write_idx(path: str | Path, array: np.ndarray) -> None:

@@ -134,6 +134,7 @@ class Trainer:
                  log: Callable[[str], None] = print, progress: bool = True, launch: Launch = Launch()) -> None:
         self.config, self.model_config, self.out_dir, self.log = config, model_config, out_dir, log
         self.progress, self.launch = progress, launch
+        self.pictures_repaired = False
         self.device = distributed.rank_device(resolve_device(config.device), launch)
         self.kernel, kernel_reason = resolve_train_kernel(config, self.device)
         log(f"kernel: {self.kernel} ({kernel_reason})")
@@ -196,6 +197,7 @@ class Trainer:
         if missing and self.launch.main:  # a kill landed between the checkpoint and its pictures
             self.save_images()
             self.log(f"wrote the missing {', '.join(missing)} from epoch {epoch}'s weights")
+            self.pictures_repaired = True
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """One pass over the training set; `epoch` counts from 1."""
@@ -276,8 +278,9 @@ class Trainer:
         config = self.config
         start_epoch = self.record["epochs_done"] + 1
         if start_epoch > config.epochs:
-            self.log(f"{self.out_dir} already holds {start_epoch - 1} epochs (--epochs {config.epochs}): nothing "
-                     "was trained or written; pass a larger --epochs to go on")
+            nothing = "nothing was trained" if self.pictures_repaired else "nothing was trained or written"
+            self.log(f"{self.out_dir} already holds {start_epoch - 1} epochs (--epochs {config.epochs}): {nothing}; "
+                     "pass a larger --epochs to go on")
             return self.record
         for epoch in range(start_epoch, config.epochs + 1):
             metrics = self.train_epoch(epoch)
