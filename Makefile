@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: install data demo test lint quality bench
+.PHONY: install data demo test lint quality bench gpu-check gpu-wheels
 
 install: $(BIN)/fastvae
 
@@ -26,7 +26,7 @@ demo: install data
 	$(BIN)/fastvae train --epochs 2 --out runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 test: install data
-	$(BIN)/python -m pytest -q tests bench --benchmark-disable
+	$(BIN)/python -m pytest -q tests bench
 
 lint: install
 	$(BIN)/ruff check .
@@ -41,5 +41,32 @@ quality: install data
 # The benchmark suite with timings; the table and chart land in results/.
 bench: install data
 	mkdir -p results
-	$(BIN)/python -m pytest bench --benchmark-json results/bench.json
+	$(BIN)/python -m pytest bench --benchmark-enable --benchmark-json results/bench.json
 	$(BIN)/python -m bench.report results/bench.json --png results/bench.png | tee results/bench.md
+
+# The GPU check (docs/gpu.md), for a CUDA machine with torch and Triton preinstalled and no package registry:
+# fastvae installs without its dependencies, pydantic comes from the wheels in .whl/ (`make gpu-wheels`, here),
+# Fashion-MNIST's four IDX .gz files from the folder $$FASTVAE_DATA_DIR. `make gpu-check DEVICE=cpu` runs its
+# CPU mode in this project's venv.
+DEVICE ?= cuda
+GPU_SITE := /tmp/fastvae-site
+ifeq ($(DEVICE),cpu)
+GPU_CHECK_PYTHON := $(BIN)/python
+GPU_CHECK_DEPS := install data
+else
+GPU_CHECK_PYTHON := python3
+GPU_CHECK_DEPS :=
+endif
+
+gpu-check: $(GPU_CHECK_DEPS)
+	@if ! $(GPU_CHECK_PYTHON) -c "import pydantic" 2>/dev/null; then \
+		$(GPU_CHECK_PYTHON) -m pip install -q --no-index --no-deps --no-compile --target $(GPU_SITE) .whl/*.whl; fi
+	$(GPU_CHECK_PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
+	PYTHONPATH=$(GPU_SITE) PYTHONUNBUFFERED=1 $(GPU_CHECK_PYTHON) -m bench.gpu_check --device $(DEVICE)
+
+# What the GPU machine lacks, as wheels for its Python 3.12 on x86_64 (pydantic and what it needs).
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+		pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
+		typing-extensions==4.16.0

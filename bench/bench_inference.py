@@ -1,10 +1,5 @@
 """Decoder and encoder inference at batch 1, 64 and 1024: the lab's eager model, fastvae eager, torch.compile and
-onnxruntime (CPU; CUDA through IO binding when a GPU is present), side by side on the same weights.
-
-onnxruntime runs the default export (the decoder as matrix products) through `fastvae.runtime.OnnxVAE`, which
-splits large batches across the cores; the `-whole-batch` row runs each batch whole on onnxruntime's own threads
-(`split_batches=False`), and the `-conv-graph` row runs the decoder exported with standard ConvTranspose nodes
-(`--decoder-graph conv`): they show what each of the two buys."""
+onnxruntime (CPU; CUDA through IO binding when a GPU is present), side by side on the same weights."""
 
 from __future__ import annotations
 
@@ -18,18 +13,23 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from bench.conftest import record_throughput
+from bench.throughput import record_throughput
 from fastvae import reference
 from fastvae.checkpoint import save_checkpoint
 from fastvae.config import ModelConfig, TrainConfig
-from fastvae.export.onnx import DECODER_GRAPHS, export_onnx, part_module
+from fastvae.export.exporter import DECODER_GRAPHS, export_onnx, part_module
 from fastvae.flops import forward_flops
 from fastvae.model import VAE
+from fastvae.plan import cpu_plan
 from fastvae.run_folder import new_record
 from fastvae.runtime import OnnxVAE, gpu_present
 
 PARTS = ("decoder", "encoder")
 BATCHES = (1, 64, 1024)
+# onnxruntime-cpu runs the default export (the decoder as matrix products) through fastvae.runtime.OnnxVAE, which
+# splits large batches across the cores; -whole-batch runs each batch whole on onnxruntime's own threads
+# (split_batches=False), and -conv-graph the decoder exported with standard ConvTranspose nodes (--decoder-graph
+# conv): they show what each of the two buys.
 PATHS = ("reference-eager", "fastvae-eager", "fastvae-compile", "onnxruntime-cpu", "onnxruntime-cpu-whole-batch",
          "onnxruntime-cpu-conv-graph", "onnxruntime-cuda")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # of the PyTorch paths
@@ -45,7 +45,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     lab.load_state_dict(fast.state_dict())
     folder = tmp_path_factory.mktemp("bench-inference")
     (folder / "run").mkdir()
-    save_checkpoint(folder / "run", fast, config, new_record(config, TrainConfig()), {})
+    save_checkpoint(folder / "run", fast, config, new_record(config, TrainConfig(), cpu_plan()), {})
     onnx_files = {(part, graph): folder / f"{part}-{graph}.onnx" for part in PARTS for graph in DECODER_GRAPHS}
     for (part, graph), path in onnx_files.items():  # test_export verifies parity; here only speed is measured
         export_onnx(path, folder / "run", part, decoder_graph=graph, verify=False, log=lambda _: None)
@@ -68,7 +68,7 @@ def _onnx_call(path: Path, part: str, device: str, inputs: np.ndarray, split: bo
     return (lambda: vae.decode(inputs)) if part == "decoder" else (lambda: vae.encode(inputs))
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if "compile" in p else p for p in PATHS])
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("part", PARTS)
 def test_inference(benchmark: Any, part: str, batch: int, path: str, models: dict[str, Any], machine: dict,
@@ -83,12 +83,13 @@ def test_inference(benchmark: Any, part: str, batch: int, path: str, models: dic
     if path == "reference-eager":
         call = _torch_call(getattr(models["reference"], "decode" if part == "decoder" else "encode"), inputs.to(DEVICE))
     elif path == "fastvae-eager":
-        call = _torch_call(part_module(models["fast"], part), inputs.to(DEVICE))
+        call = _torch_call(part_module(models["fast"], part, decoder_graph="conv"), inputs.to(DEVICE))
     elif path == "fastvae-compile":
         if benchmark.disabled:
-            pytest.skip("torch.compile takes ~30-60 s per shape on 2 cores; run without --benchmark-disable")
+            pytest.skip("torch.compile takes ~30-60 s per shape on 2 cores; timed runs only (--benchmark-enable)")
         torch.compiler.reset()  # so the first call below really compiles this shape
-        call = _torch_call(torch.compile(part_module(models["fast"], part), dynamic=False), inputs.to(DEVICE))
+        module = part_module(models["fast"], part, decoder_graph="conv")
+        call = _torch_call(torch.compile(module, dynamic=False), inputs.to(DEVICE))
         start = time.perf_counter()
         call()
         first_call_s = round(time.perf_counter() - start, 2)

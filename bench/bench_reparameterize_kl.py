@@ -1,11 +1,5 @@
 """Reparameterize + KL at B in {256, 1024, 8192}, Z in {32, 128}: forward, backward and full (both) modes.
-
-Paths: the lab's torch.distributions code, the fused PyTorch formula, that formula compiled (forward and
-backward graphs apart: reparameterize_kl_sampled_compiled), and the Triton op (CUDA only). Every path draws
-its own eps, as a training step does: rsample's torch.randn for the lab's code, counter_normal from a
-[seed, offset] tensor for the PyTorch formula (inside the forward graph when compiled), Philox inside the
-kernel for Triton. Throughput is effective bandwidth, the bytes the op must move.
-"""
+Throughput is effective bandwidth, the bytes the op must move."""
 
 from __future__ import annotations
 
@@ -15,14 +9,19 @@ from typing import Any
 
 import pytest
 import torch
-import triton
 from torch.distributions.normal import Normal
 
 from fastvae import reference
-from fastvae.kernels import reparameterize_kl_sampled, reparameterize_kl_sampled_compiled
+from fastvae.config import TrainConfig
+from fastvae.kernels import load_triton_kernels, reparameterize_kl_sampled, reparameterize_kl_sampled_compiled
+from fastvae.plan import make_plan
 
 SHAPES = [(batch, z_dim) for batch in (256, 1024, 8192) for z_dim in (32, 128)]
 MODES = ("forward", "backward", "full")
+# The lab's torch.distributions code, the fused PyTorch formula, that formula compiled (forward and backward graphs
+# apart: reparameterize_kl_sampled_compiled), and the Triton op (CUDA only). Every path draws its own eps, as a
+# training step does: rsample's torch.randn for the lab's code, counter_normal from a [seed, offset] tensor for the
+# formula (inside the forward graph when compiled), Philox inside the kernel for Triton.
 PATHS = ("reference-distributions", "torch-formula", "torch-formula-compile", "triton")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.float32
@@ -51,8 +50,9 @@ def _op(path: str, batch: int, z_dim: int, benchmark: Any) -> Callable[..., tupl
         # fuses into the formula's loop (not torch.randn: inductor's own CPU randn measured 5x slower than
         # ATen's), and saved for the backward graph.
         return functools.partial(reparameterize_kl_sampled_compiled, seed_offset=_seed_offset())
-    if DEVICE.type != "cuda":
-        pytest.skip("the Triton kernels need a CUDA GPU; this machine has none")
+    if make_plan(TrainConfig(device=DEVICE.type)).kernel != "triton":
+        pytest.skip("the Triton kernels need a CUDA GPU and Triton; the run plan here picks the PyTorch formula")
+    load_triton_kernels()
     return functools.partial(reparameterize_kl_sampled, seed_offset=_seed_offset(), kernel="triton")
 
 
@@ -64,7 +64,7 @@ def _bytes_moved(mode: str, batch: int, z_dim: int) -> int:
     return {"forward": forward, "backward": backward, "full": forward + backward}[mode]
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if "compile" in p else p for p in PATHS])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("batch, z_dim", SHAPES, ids=str)
 def test_reparameterize_kl(benchmark: Any, batch: int, z_dim: int, mode: str, path: str, machine: dict) -> None:
@@ -99,7 +99,7 @@ def test_reparameterize_kl(benchmark: Any, batch: int, z_dim: int, mode: str, pa
     benchmark({"forward": forward, "backward": backward, "full": full}[mode])
     moved = _bytes_moved(mode, batch, z_dim)
     benchmark.extra_info.update(path=path, mode=mode, batch=batch, z_dim=z_dim, dtype=str(DTYPE), device=str(DEVICE),
-                                bytes_per_call=moved, triton=triton.__version__, **machine)
+                                bytes_per_call=moved, **machine)
     stats = getattr(benchmark, "stats", None)
     if stats is not None:  # None with --benchmark-disable
         benchmark.extra_info.update(rows_per_s=round(batch / stats.stats.median),

@@ -1,18 +1,26 @@
-"""Shared benchmark fixtures: the machine, its own fp32 matmul ceiling, and GFLOP/s bookkeeping.
-
-Run: pytest bench --benchmark-json results/bench.json (CI: --benchmark-disable, each case runs once).
+"""Shared benchmark fixtures: the machine and its own fp32 matmul ceiling (GFLOP/s bookkeeping: bench/throughput.py).
+Run: make bench; without --benchmark-enable (pyproject's default is --benchmark-disable) each case runs once, untimed.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import platform
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every benchmark is `slow`: `pytest -m "not slow"`, the developer's quick loop, runs the tests alone."""
+    for item in items:
+        if item.path.is_relative_to(Path(__file__).parent):
+            item.add_marker(pytest.mark.slow)
 
 
 def _cpu_model() -> str:
@@ -34,7 +42,15 @@ def machine() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "torch": torch.__version__,
+        "triton": _installed("triton"),
     }
+
+
+def _installed(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 @pytest.fixture(autouse=True)
@@ -58,21 +74,3 @@ def matmul_gflops(request: pytest.FixtureRequest) -> float:
         torch.mm(a, b)
         times.append(time.perf_counter() - start)
     return 2 * n**3 / statistics.median(times[1:]) / 1e9
-
-
-def record_throughput(benchmark: Any, *, flops: float, items: int, ceiling: float, **info: Any) -> None:
-    """Put GFLOP/s, items/s and the fraction of the matmul ceiling into the benchmark's extra_info.
-
-    `flops` and `items` are per call of the benchmarked function. Without timings (--benchmark-disable)
-    only the static facts are recorded.
-    """
-    benchmark.extra_info.update(info, flops_per_call=flops, matmul_gflops=round(ceiling, 1))
-    stats = getattr(benchmark, "stats", None)
-    if stats is None:
-        return
-    median = stats.stats.median
-    benchmark.extra_info.update(
-        items_per_s=round(items / median, 1),
-        gflops=round(flops / median / 1e9, 2),
-        fraction_of_matmul=round(flops / median / 1e9 / ceiling, 3),
-    )

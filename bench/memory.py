@@ -1,7 +1,5 @@
 """Peak memory of training steps for one path, measured in a fresh process (CPU) or by the CUDA allocator.
-
-On the CPU no allocator counts torch's tensors, so a child process reports its peak resident set size over
-a few steps minus its resident size just before them. Run directly: python -m bench.memory PATH
+Run directly: python -m bench.memory PATH BATCH
 """
 
 from __future__ import annotations
@@ -15,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from bench.train_paths import cpu_allocator, make_step
 from fastvae.malloc import trim
 
 STEPS = 3
@@ -26,9 +25,7 @@ def _rss_bytes() -> int:
 
 
 def measure(path: str, batch_size: int) -> dict[str, float]:
-    """Run STEPS training steps of `path` (a key of bench_train_step.PATHS) in this process."""
-    from bench.bench_train_step import cpu_allocator, make_step
-
+    """Run STEPS training steps of `path` (a key of bench.train_paths.PATHS) in this process."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with cpu_allocator(path, device):
         return _measure(make_step(path, batch_size, device))
@@ -43,6 +40,8 @@ def _measure(step: Callable[[], float]) -> dict[str, float]:
         for _ in range(STEPS):
             step()
         return {"peak_step_memory_mb": (torch.cuda.max_memory_allocated() - before) / 2**20, "kind": "cuda"}
+    # On the CPU no allocator counts torch's tensors: the peak resident set size over the steps, minus the resident
+    # size just before them.
     trim()  # what the first step left cached, so the delta below is a step's whole working set
     before = _rss_bytes()
     _reset_peak_rss()

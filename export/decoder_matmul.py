@@ -1,23 +1,4 @@
-"""The decoder rewritten for export as plain matrix products: the same function, a faster graph for onnxruntime.
-
-onnxruntime's CPU ConvTranspose runs one small GEMM per image and then a scalar col2im (measured on a 2-core
-Xeon: col2im was about half of the decoder's 150 ms at batch 1024). Here each transposed convolution is
-
-1. per kernel tap t, one GEMM over every pixel of the batch: cols[t, (pixel, b), :] = x[(pixel, b), :] @ W[:, :, t]
-2. the overlap-add (col2im) as a second GEMM with a constant 0/1 matrix: out = S @ cols, S[o, (t, p)] = 1 where
-   input pixel p through tap t lands on output pixel o; + bias, ReLU (onnxruntime fuses both into the Gemm).
-
-Activations are pixel-major, (pixels, batch * channels), so both products are single large GEMMs whatever
-the batch. A strided layer splits by output phase (o mod stride), since only the taps of one phase meet
-its pixels: that keeps S 3.8x smaller for the stride-2 layers. The last layer, whose output has only the
-image's channels, gathers and sums each output pixel's rows of cols instead. BatchNorm (eval) is folded into
-the weights. Both overlap-adds are exact sums of products, so the result equals the convolution up to fp32
-summation order.
-
-The stride-1 layer (3x3 -> 6x6, 4x4 kernel; 62% of the decoder's multiplications) is instead computed by
-Toom-Cook (Winograd) minimal filtering, with 4x fewer multiplications and no overlap-add; see
-`_StrideOneConvAsWinograd` for the method and what it costs in fp32 rounding.
-"""
+"""The decoder rewritten for export as plain matrix products: the same function, a faster graph for onnxruntime."""
 
 from __future__ import annotations
 
@@ -88,7 +69,13 @@ class _StrideOneConvAsWinograd(nn.Module):
 class _TransposedConvAsMatmuls(nn.Module):
     """ConvTranspose2d + folded BatchNorm + ReLU on pixel-major activations (P_in * B, Cin) whose pixels
     come in the order `in_pixels`; returns one (P * B, Cout) tensor per output phase, their pixels in the
-    order `self.out_pixels` (the phases' pixels one after the other)."""
+    order `self.out_pixels` (the phases' pixels one after the other).
+
+    1. per kernel tap t, one GEMM over every pixel of the batch: cols[t, (pixel, b), :] = x[(pixel, b), :] @ W[:, :, t]
+    2. the overlap-add (col2im) as a second GEMM with a constant 0/1 matrix S (`overlap`): out = S @ cols,
+       S[o, (t, p)] = 1 where input pixel p through tap t lands on output pixel o; + bias, ReLU (onnxruntime fuses
+       both into the Gemm).
+    """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, stride: int, in_pixels: list[Pixel]) -> None:
         super().__init__()
@@ -97,6 +84,8 @@ class _TransposedConvAsMatmuls(nn.Module):
         where = {pixel: i for i, pixel in enumerate(in_pixels)}
         self.cout, self.out_pixels = cout, []
         self.weights = nn.ParameterList()
+        # By output phase (o mod stride): only the taps of one phase meet its pixels, which keeps S 3.8x smaller
+        # for the stride-2 layers.
         for row_phase in range(stride):
             for col_phase in range(stride):
                 taps = [(i, j) for i in range(row_phase, kernel, stride) for j in range(col_phase, kernel, stride)]
@@ -182,9 +171,16 @@ class _OutputConvAsGatherSum(nn.Module):
         return torch.matmul(self.ones, gathered).reshape(self.cout, -1, batch)  # (Cout, P_out, B)
 
 
+# NOTE: 2-core Xeon: onnxruntime's CPU ConvTranspose runs one small GEMM per image and then a scalar col2im, which
+# took about half of the decoder's 150 ms at batch 1024.
 class DecoderAsMatmuls(nn.Module):
     """z (B, Z) -> logits (B, C, 28, 28), the function of an eval-mode `fastvae.model.Decoder` (the lab's
-    layers: ConvTranspose2d + BatchNorm + ReLU blocks, a final ConvTranspose2d) as matmuls, for export."""
+    layers: ConvTranspose2d + BatchNorm + ReLU blocks, a final ConvTranspose2d) as matmuls, for export.
+
+    Activations are pixel-major, (pixels, batch * channels), so a layer's products are single large GEMMs whatever
+    the batch. The overlap-adds are exact sums of products, so the result equals the convolution up to fp32 summation
+    order (and the Winograd layer's rounding, `fastvae.winograd`).
+    """
 
     def __init__(self, decoder: nn.Module) -> None:
         super().__init__()

@@ -32,7 +32,7 @@ def verify_onnx(model: bytes, reference: nn.Module, part: str, config: ModelConf
                 log: Callable[[str], None] = print) -> float:
     """Check the serialized ONNX `model` and compare it with `reference` (the fp32 PyTorch wrapper of `part`)
     at each of BATCHES. Prints max abs and relative error per output; returns the largest abs error, or
-    raises FastVAEError when it exceeds TOLERANCE[fp16].
+    raises FastVAEError when it exceeds TOLERANCE[fp16] or when either side's output holds NaN or infinity.
 
     Relative error is max |onnx - torch| / max |torch| per output: elementwise ratios explode near zero.
     """
@@ -56,6 +56,11 @@ def verify_onnx(model: bytes, reference: nn.Module, part: str, config: ModelConf
             expected = expected.numpy()
             if actual.shape != expected.shape:
                 raise FastVAEError(f"{name} has shape {actual.shape} in onnxruntime, {expected.shape} in PyTorch")
+            # Checked on its own: NaN makes the error NaN, and max(worst, nan) would keep `worst` and pass.
+            broken = [side for side, x in (("PyTorch", expected), ("onnxruntime", actual)) if not np.isfinite(x).all()]
+            if broken:
+                raise FastVAEError(f"verification failed: {part} output {name!r} at batch {batch} is not finite in "
+                                   f"{' and '.join(broken)} (NaN or inf); the file was not written")
             error = float(np.abs(actual.astype(np.float64) - expected).max())
             scale = float(np.abs(expected).max())
             log(f"  batch {batch:>3} {name:<14} max abs error {error:.2e}  relative {error / max(scale, 1e-30):.2e}")

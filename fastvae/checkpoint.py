@@ -19,9 +19,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from fastvae.config import ModelConfig
+from fastvae.config import ModelConfig, RunPlan
 from fastvae.errors import FastVAEError
 from fastvae.model import VAE
+from fastvae.plan import cpu_plan
 from fastvae.run_folder import OPTIMIZER, RECORD, WEIGHTS, checkpoint_dir, commit_checkpoint, load_record
 
 FORMAT = "fastvae-1"
@@ -122,10 +123,12 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: st
     model.load_state_dict(state)
 
 
-def load_model(path: str | Path) -> tuple[VAE, int]:
-    """The fast model (on the CPU, training mode) holding a checkpoint's weights, and its epochs trained."""
+def load_model(path: str | Path, plan: RunPlan | None = None) -> tuple[VAE, int]:
+    """The fast model with `plan`'s layers and kernel (default: fastvae.plan.cpu_plan()'s), on the CPU in training
+    mode, holding a checkpoint's weights, and its epochs trained."""
     config, state, epoch = load_weights(path)
-    model = VAE(config)
+    plan = plan or cpu_plan()
+    model = VAE(config, plan.layers or "matmul", plan.kernel)
     load_into(model, state, path)
     return model, epoch
 
@@ -134,7 +137,8 @@ def load_optimizer_state(out_dir: Path, epoch: int) -> dict[str, Any]:
     """The optimizer and gradient-scaler state saved with epoch `epoch`'s weights in run folder `out_dir`."""
     path = checkpoint_dir(out_dir, load_record(out_dir)) / OPTIMIZER
     try:
-        state = torch.load(io.BytesIO(path.read_bytes()), weights_only=True)
+        # On the CPU first: a GPU run's state loads on a machine without one; Adam moves it to the parameters.
+        state = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
     except FileNotFoundError as e:
         raise FastVAEError(f"no {OPTIMIZER} in {path.parent}: cannot resume exactly") from e
     except Exception as e:  # torch.load raises many types for a damaged file

@@ -9,13 +9,14 @@ import argparse
 import sys
 from dataclasses import fields
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
+from fastvae.config import COMPILE_MODES, DATASETS, DECODER_GRAPHS, DEVICES, KERNELS, LAYERS, MODELS, PARTS
 from fastvae.errors import FastVAEError
 from fastvae.malloc import ALLOCATORS
 
-# Options a resumed run must keep, so that it continues the same function and random streams.
-_FIXED_ON_RESUME = ("data", "batch_size", "lr", "beta", "seed", "model", "limit_train")
-
+if TYPE_CHECKING:
+    from fastvae.config import ModelConfig, TrainConfig
 
 def _positive_int(text: str) -> int:
     value = int(text)
@@ -55,14 +56,22 @@ class _PrintVersions(argparse.Action):
         parser.exit()
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors in one line like every other bad input's (its own print usage lines first)."""
+
+    def error(self, message: str) -> NoReturn:
+        _print_error(f"{self.prog}: error: {message} (see {self.prog} --help)")
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastvae", description=__doc__)
+    parser = _Parser(prog="fastvae", description=__doc__)
     parser.add_argument("-V", "--version", action=_PrintVersions)
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train the VAE; writes weights, metrics and image grids to --out")
     # Defaults are None here and filled from the dataclasses (or the checkpoint on --resume).
-    train.add_argument("--data", choices=["fashion-mnist", "mnist"], help="dataset (default fashion-mnist)")
+    train.add_argument("--data", choices=DATASETS, help="dataset (default fashion-mnist)")
     train.add_argument("--data-dir", help="folder with the IDX files (default: the Debian package's folder)")
     train.add_argument("--epochs", type=int, help="total epochs of the run, counting resumed ones (default 10)")
     train.add_argument("--batch-size", type=int,
@@ -71,12 +80,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--z-dim", type=int, help="latent dimensions (default 32)")
     train.add_argument("--beta", type=float, help="weight of the KL term, beta-VAE (default 1.0)")
     train.add_argument("--seed", type=int, help="seed of weights, shuffles and samples (default 0)")
-    train.add_argument("--device", choices=["auto", "cpu", "cuda"], help="(default auto: cuda if present)")
+    train.add_argument("--device", choices=DEVICES, help="(default auto: cuda if present)")
     train.add_argument("--compile", action="store_true", default=None, help="torch.compile the step")
+    train.add_argument("--compile-mode", choices=COMPILE_MODES,
+                       help="with --compile: default, or reduce-overhead / max-autotune, which on a GPU replay the "
+                            "whole step as one CUDA graph (default auto: reduce-overhead on a GPU, default on the CPU)")
     train.add_argument("--amp", action="store_true", default=None, help="mixed precision (bf16, or fp16)")
-    train.add_argument("--model", choices=["fast", "reference"], help="fast (default) or the lab's own code")
+    train.add_argument("--model", choices=MODELS, help="fast (default) or the lab's own code")
     train.add_argument("--limit-train", type=_positive_int, help="train on the first N images only")
-    train.add_argument("--kernel", choices=["auto", "triton", "torch"],
+    train.add_argument("--layers", choices=LAYERS,
+                       help="the fast model's convolutions: matmul custom ops or the library's (default auto: "
+                            "matmul on the CPU, library on a GPU)")
+    train.add_argument("--kernel", choices=KERNELS,
                        help="reparameterize+KL: the Triton kernel or PyTorch (default auto: Triton on CUDA)")
     train.add_argument("--out", default="runs/fastvae", help="run folder (default runs/fastvae)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out")
@@ -84,74 +99,65 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--sync-bn", action="store_true", default=None,
                        help="under torchrun on CUDA: BatchNorm statistics over the global batch (SyncBatchNorm)")
     train.add_argument("--cpu-allocator", choices=ALLOCATORS,
-                       help="cached (default): glibc keeps freed memory for the next step, ~1.4x faster CPU steps "
-                            "at the cost of holding the peak heap; system: glibc's defaults")
+                       help="cached (default): glibc keeps freed memory for the next step, faster CPU steps at the "
+                            "cost of holding the peak heap (docs/performance.md); system: glibc's defaults")
     train.add_argument("--dist-timeout", type=float,
                        help="under torchrun: seconds to wait for the other processes, at start and in every "
                             "collective, before giving up (default 300)")
 
     ev = sub.add_parser("eval", help="test-set negative ELBO and importance-weighted bound of a checkpoint")
     ev.add_argument("checkpoint", help="a run folder (or its model.safetensors)")
-    ev.add_argument("--data", choices=["fashion-mnist", "mnist"], default="fashion-mnist")
+    ev.add_argument("--data", choices=DATASETS, default="fashion-mnist")
     ev.add_argument("--data-dir")
     ev.add_argument("--k", type=_positive_int, default=1000, help="importance samples (default 1000)")
     ev.add_argument("--limit", type=_positive_int, help="evaluate the first N test images only")
     ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    ev.add_argument("--device", choices=DEVICES, default="auto")
 
     ex = sub.add_parser("export", help="export the decoder, encoder or whole VAE to ONNX, verified against PyTorch")
     ex.add_argument("model", help="the ONNX file to write, e.g. model.onnx")
     ex.add_argument("--checkpoint", required=True, help="a run folder (or its model.safetensors)")
-    ex.add_argument("--part", choices=["decoder", "encoder", "vae"], default="decoder",
+    ex.add_argument("--part", choices=PARTS, default="decoder",
                     help="decoder: z -> images (default); encoder: images -> mean, log_sigma; "
                          "vae: images, eps -> reconstruction, mean, log_sigma")
     ex.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's recommended one)")
     ex.add_argument("--fp16", action="store_true", help="float16 weights and arithmetic; inputs, outputs float32")
-    ex.add_argument("--decoder-graph", default="matmul",
+    ex.add_argument("--decoder-graph", choices=DECODER_GRAPHS, default="matmul",
                     help="matmul (default): the decoder's transposed convolutions as matrix products, faster in "
                          "onnxruntime on CPU; conv: standard ConvTranspose nodes, for runtimes with their own")
     ex.add_argument("--no-verify", action="store_true", help="skip the onnxruntime-vs-PyTorch check")
 
-    sa = sub.add_parser("sample", help="decode random latents with an exported decoder; writes a PNG grid")
+    from fastvae.bulk import MAX_GRID_IMAGES
+
+    sa = sub.add_parser("sample", help="decode random latents with an exported decoder; writes a PNG grid or .npy")
     sa.add_argument("model", help="an ONNX file from `fastvae export --part decoder`")
     sa.add_argument("--n", type=_positive_int, default=64, help="images (default 64)")
-    sa.add_argument("--out", default="samples.png", help="PNG to write (default samples.png)")
+    sa.add_argument("--out", default="samples.png",
+                    help=f"file to write (default samples.png): .png, a grid of at most {MAX_GRID_IMAGES} images; "
+                         ".npy, one float32 array (n, C, H, W) for any --n")
     sa.add_argument("--seed", type=int, help="seed of the latents (default: fresh randomness)")
-    sa.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    sa.add_argument("--device", choices=DEVICES, default="auto")
 
     rc = sub.add_parser("reconstruct", help="reconstruct test images with an exported VAE; writes a PNG grid")
     rc.add_argument("model", help="an ONNX file from `fastvae export --part vae`")
-    rc.add_argument("--data", choices=["fashion-mnist", "mnist"], default="fashion-mnist")
+    rc.add_argument("--data", choices=DATASETS, default="fashion-mnist")
     rc.add_argument("--data-dir")
-    rc.add_argument("--n", type=_positive_int, default=16, help="first N test images (default 16)")
+    rc.add_argument("--n", type=_positive_int, default=16,
+                    help=f"first N test images (default 16, at most {MAX_GRID_IMAGES // 2})")
     rc.add_argument("--out", default="recon.png", help="PNG to write: originals above reconstructions")
     rc.add_argument("--seed", type=int, help="seed of the posterior noise eps (default: fresh randomness)")
-    rc.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    rc.add_argument("--device", choices=DEVICES, default="auto")
     return parser
 
 
-def _train_configs(args: argparse.Namespace):
+def _train_configs(args: argparse.Namespace) -> tuple[TrainConfig, ModelConfig]:
     from fastvae.config import ModelConfig, TrainConfig
-    from fastvae.run_folder import load_record
+    from fastvae.run_folder import configs_to_resume
 
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None}
-    z_dim = args.z_dim
     if args.resume:
-        record = load_record(Path(args.out))
-        saved = record["train_config"]
-        saved_z = record["model_config"]["z_dim"]
-        if z_dim is not None and z_dim != saved_z:
-            raise FastVAEError(f"--z-dim {z_dim} disagrees with the checkpoint in {args.out} (z_dim {saved_z})")
-        for name in _FIXED_ON_RESUME:
-            if name in given and given[name] != saved[name]:
-                raise FastVAEError(
-                    f"--{name.replace('_', '-')} {given[name]} disagrees with the checkpoint in {args.out} "
-                    f"({saved[name]}): a resumed run keeps it"
-                )
-        given = {**{k: saved[k] for k in _FIXED_ON_RESUME}, **given}
-        z_dim = saved_z
-    model_config = ModelConfig(**({} if z_dim is None else {"z_dim": z_dim}))
-    return TrainConfig(**given), model_config
+        return configs_to_resume(Path(args.out), given, args.z_dim)
+    return TrainConfig(**given), ModelConfig(**({} if args.z_dim is None else {"z_dim": args.z_dim}))
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -164,12 +170,15 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from fastvae.checkpoint import load_model
+    from fastvae.config import TrainConfig
     from fastvae.data import load_images
     from fastvae.evaluate import importance_weighted_bound, negative_elbo
-    from fastvae.train import generator, resolve_device
+    from fastvae.plan import make_plan
+    from fastvae.train import generator
 
-    device = resolve_device(args.device)
-    model, epoch = load_model(args.checkpoint)
+    plan = make_plan(TrainConfig(device=args.device))
+    device = plan.torch_device
+    model, epoch = load_model(args.checkpoint, plan)
     model.to(device)
     config = model.config
     images = load_images(args.data, "test", args.data_dir)
@@ -186,7 +195,10 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from fastvae.export.onnx import export_onnx
+    from fastvae.export.opset import check_opset
+
+    check_opset(args.opset)  # before torch is imported
+    from fastvae.export.exporter import export_onnx
 
     export_onnx(args.model, args.checkpoint, args.part, opset=args.opset, fp16=args.fp16,
                 decoder_graph=args.decoder_graph, verify=not args.no_verify)
@@ -205,24 +217,47 @@ def _save_png(path: str, images, nrow: int) -> None:
 def _sample(args: argparse.Namespace) -> int:
     import math
 
+    from fastvae.bulk import MAX_GRID_IMAGES, write_samples_npy
+    from fastvae.files import check_output_file
     from fastvae.runtime import OnnxVAE
 
+    # The output is checked before the model loads, so a bad --out costs nothing.
+    suffix = Path(args.out).suffix.lower()
+    if suffix not in (".png", ".npy"):
+        raise FastVAEError(f"--out must end in .png or .npy, got {args.out}")
+    if suffix == ".png" and args.n > MAX_GRID_IMAGES:
+        raise FastVAEError(f"--n {args.n} is more than a PNG grid holds ({MAX_GRID_IMAGES} images); write them "
+                           f"as one array instead: --out {Path(args.out).with_suffix('.npy')}")
+    check_output_file(args.out, "--out")
     try:  # the runtime speaks ValueError to other apps; here it becomes the CLI's one-line error
         vae = OnnxVAE(args.model, args.device)
-        images = vae.sample(args.n, seed=args.seed)
+        if suffix == ".npy":
+            write_samples_npy(args.out, vae, args.n, args.seed)
+        else:
+            images = vae.sample(args.n, seed=args.seed)
     except ValueError as e:
         raise FastVAEError(str(e)) from e
-    _save_png(args.out, images, nrow=math.ceil(math.sqrt(args.n)))
-    print(f"wrote {args.out}: {args.n} samples from {args.model} ({vae.provider})")
+    except OSError as e:  # only the .npy is written in the block: a full disk, a folder removed meanwhile
+        raise FastVAEError(f"cannot write {args.out}: {e.strerror}; choose another --out") from e
+    if suffix == ".png":
+        _save_png(args.out, images, nrow=math.ceil(math.sqrt(args.n)))
+    form = "a float32 array" if suffix == ".npy" else "a grid"
+    print(f"wrote {args.out}: {args.n} samples from {args.model} as {form} ({vae.provider})")
     return 0
 
 
 def _reconstruct(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from fastvae.bulk import MAX_GRID_IMAGES
     from fastvae.data import load_images
+    from fastvae.files import check_output_file
     from fastvae.runtime import OnnxVAE
 
+    if 2 * args.n > MAX_GRID_IMAGES:
+        raise FastVAEError(f"--n {args.n} is too many: originals and reconstructions make {2 * args.n} images, "
+                           f"more than a PNG grid holds ({MAX_GRID_IMAGES}); use --n {MAX_GRID_IMAGES // 2} or fewer")
+    check_output_file(args.out, "--out")
     try:
         vae = OnnxVAE(args.model, args.device)
         images = load_images(args.data, "test", args.data_dir)[: args.n].numpy().astype(np.float32) / 255
@@ -235,14 +270,17 @@ def _reconstruct(args: argparse.Namespace) -> int:
 
 
 def _print_error(line: str) -> None:
-    # One write of the whole line: under torchrun every process shares stderr, and print's separate write of
-    # the newline let two processes' errors run together on one line.
+    # One write of the whole line: under torchrun every process shares stderr, and print writes the newline
+    # separately, which lets two processes' errors run together on one line.
     sys.stderr.write(line + "\n")
     sys.stderr.flush()
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, --version, or an option error already printed
+        return e.code if isinstance(e.code, int) else 2
     try:
         commands = {"train": _train, "eval": _eval, "export": _export, "sample": _sample, "reconstruct": _reconstruct}
         return commands[args.command](args)

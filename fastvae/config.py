@@ -1,14 +1,28 @@
-"""Frozen dataclasses for the model's shape and the training run's settings."""
+"""Frozen dataclasses for the model's shape and the training run's settings, and every option's choices."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 from fastvae.errors import FastVAEError
 from fastvae.malloc import ALLOCATORS
 
+if TYPE_CHECKING:
+    import torch
+
 # The lab's layers map 28x28 to a 1x1 code and back; they are not size-generic.
 SUPPORTED_IMAGE_SIZE = 28
+
+# The choices of each option, here alone: argparse's choices= and the checks below read them.
+DATASETS = ("fashion-mnist", "mnist")
+DEVICES = ("auto", "cpu", "cuda")
+MODELS = ("fast", "reference")
+LAYERS = ("auto", "matmul", "library")  # see fastvae.plan
+KERNELS = ("auto", "triton", "torch")
+COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune")  # see fastvae.plan
+PARTS = ("decoder", "encoder", "vae")  # what `fastvae export` writes
+DECODER_GRAPHS = ("matmul", "conv")  # the exported decoder's form
 
 
 @dataclass(frozen=True)
@@ -43,9 +57,11 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     compile: bool = False
+    compile_mode: str = "auto"
     amp: bool = False
     model: str = "fast"
     limit_train: int | None = None
+    layers: str = "auto"
     kernel: str = "auto"
     sync_bn: bool = False
     dist_timeout: float = 300.0
@@ -62,11 +78,50 @@ class TrainConfig:
             raise FastVAEError(f"--beta must be non-negative, got {self.beta}")
         if self.limit_train is not None and self.limit_train < 1:
             raise FastVAEError(f"--limit-train must be at least 1, got {self.limit_train}")
-        if self.model not in ("fast", "reference"):
-            raise FastVAEError(f"--model must be 'fast' or 'reference', got {self.model!r}")
-        if self.kernel not in ("auto", "triton", "torch"):
-            raise FastVAEError(f"--kernel must be auto, triton or torch, got {self.kernel!r}")
-        if self.cpu_allocator not in ALLOCATORS:
-            raise FastVAEError(f"--cpu-allocator must be {' or '.join(ALLOCATORS)}, got {self.cpu_allocator!r}")
+        for option, value, choices in (("data", self.data, DATASETS), ("device", self.device, DEVICES),
+                                       ("model", self.model, MODELS), ("layers", self.layers, LAYERS),
+                                       ("kernel", self.kernel, KERNELS),
+                                       ("compile-mode", self.compile_mode, COMPILE_MODES),
+                                       ("cpu-allocator", self.cpu_allocator, ALLOCATORS)):
+            if value not in choices:
+                raise FastVAEError(f"--{option} must be one of {', '.join(choices)}, got {value!r}")
         if not self.dist_timeout > 0:
             raise FastVAEError(f"--dist-timeout must be positive, got {self.dist_timeout}")
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What a run executes, each choice with its reason; made by fastvae.plan.make_plan."""
+
+    device: str  # "cpu", "cuda", "cuda:1"
+    distributed: bool  # under torchrun (DistributedDataParallel)
+    world_size: int
+    model: str  # "fast" or "reference" (the lab's code)
+    layers: str | None  # the fast model's convolutions: "matmul" (custom ops) or "library"; None for the lab's
+    kernel: str  # reparameterize + KL: "triton" or "torch"
+    amp_dtype: str | None  # "bfloat16", "float16" or None (fp32)
+    compile: bool
+    compile_mode: str | None  # torch.compile's mode; None without --compile
+    fullgraph: bool
+    cuda_graph: bool  # the whole step (forward, backward, Adam) captured once and replayed as one CUDA graph
+    cpu_allocator: str | None  # glibc's setting on the CPU ("cached" or "system"); None elsewhere
+    sync_bn: bool
+    reasons: dict[str, str] = field(default_factory=dict)  # choice -> why
+
+    @property
+    def torch_device(self) -> torch.device:
+        import torch  # here, not at the top: the command line reads configs before it imports torch
+
+        return torch.device(self.device)
+
+    @property
+    def torch_amp_dtype(self) -> torch.dtype | None:
+        import torch
+
+        return getattr(torch, self.amp_dtype) if self.amp_dtype else None
+
+    def describe(self) -> str:
+        """One line per choice with its reason, as the trainer prints it at start."""
+        choices = {k: v for k, v in asdict(self).items() if k != "reasons"}
+        return "\n".join(f"  {name}: {value}" + (f" ({self.reasons[name]})" if name in self.reasons else "")
+                         for name, value in choices.items())

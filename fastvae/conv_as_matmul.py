@@ -1,16 +1,4 @@
-"""Convolutions as one matrix product per pass plus a patch gather or scatter, on channels-last activations.
-
-On the CPU, oneDNN runs this model's small-image transposed convolutions, and above all their backward, well
-below matmul speed (a training-step profile: 78% convolution at ~40% of the machine's matmul GFLOP/s). Written
-as one large matmul per pass (forward, input gradient, weight gradient), with the spatial bookkeeping done as
-strided copies, a layer's forward + backward runs 1.2-2x faster (measured on a 2-core Xeon).
-
-Both ops compute `F.conv2d` / `F.conv_transpose2d` with padding 0, dilation 1 and groups 1, up to rounding
-(tests compare them with PyTorch's layers in float64). They take NCHW tensors (channels_last makes the internal
-NHWC views free) and return channels_last NCHW tensors in the input's dtype. They are `torch.library` custom
-ops, so torch.compile calls them as they are: traced into, the patch loops took 227 s to compile and the step
-ran at a third of the eager speed.
-"""
+"""Convolutions as one matrix product per pass plus a patch gather or scatter, on channels-last activations."""
 
 from __future__ import annotations
 
@@ -64,12 +52,32 @@ def _conv_out_hw(x: torch.Tensor, weight: torch.Tensor, stride: int) -> tuple[in
     return (x.shape[2] - kernel) // stride + 1, (x.shape[3] - kernel) // stride + 1
 
 
-def _fake_grads(x: torch.Tensor, weight: torch.Tensor, out_channels: int) -> tuple[torch.Tensor, ...]:
-    """What both backward ops return: grad x (channels_last), grad weight, grad bias (fp32)."""
+def bias_grad_dtype(x: torch.Tensor) -> torch.dtype:
+    """The bias gradient's dtype in every backward op here and in fastvae.winograd: it is a sum over the batch
+    and the pixels, so at least fp32 (fp64 stays fp64, for gradcheck)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def fake_grads(x: torch.Tensor, weight: torch.Tensor, out_channels: int) -> tuple[torch.Tensor, ...]:
+    """What every backward op returns, for the fake kernels: grad x (channels_last), grad weight, grad bias."""
     grad_x = x.new_empty(x.shape[0], *x.shape[2:], x.shape[1]).permute(0, 3, 1, 2)
-    return grad_x, torch.empty_like(weight), x.new_empty(out_channels, dtype=torch.float32)
+    return grad_x, torch.empty_like(weight), x.new_empty(out_channels, dtype=bias_grad_dtype(x))
 
 
+def library_layer_runs(x: torch.Tensor) -> bool:
+    """Whether a layer runs as PyTorch's own instead of a custom op (here and in fastvae.winograd): while
+    exporting, so the graph keeps ONNX's Conv and ConvTranspose, which onnxruntime runs itself; and for a single
+    image without autograd, where a custom op's per-call cost outweighs its gain."""
+    # NOTE: batch 1, no grad, 2-core Xeon: the decoder's last two layers took 168 and 166 us as custom ops,
+    # 65 and 86 us in oneDNN; from batch 4 up the ops were faster or within 25 us.
+    return torch.compiler.is_exporting() or (x.shape[0] == 1 and not torch.is_grad_enabled())
+
+
+# One large matmul per pass (forward, input gradient, weight gradient), the spatial bookkeeping done as strided
+# copies. torch.library custom ops, so torch.compile calls them as they are rather than tracing into them.
+# NOTE: 2-core Xeon: oneDNN's convolutions were 78% of a training-step profile, running well below matmul speed
+# (fastvae/plan.py), worst in the transposed convolutions' backward; as these ops a layer's forward + backward ran
+# 1.2-2x faster. Traced into, the patch loops took 227 s to compile and the step ran at a third of the eager speed.
 @custom_op("fastvae::conv_transpose2d_as_matmul", mutates_args=())
 def _conv_transpose2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride: int) -> torch.Tensor:
     x_nhwc = _nhwc(x)  # (B, H, W, Ci)
@@ -100,13 +108,13 @@ def _conv_transpose2d_backward(
     grad_rows = _gather_patches(grad_nhwc, kernel, stride, (height, width))  # (B*H*W, k*k*Co)
     grad_x = (grad_rows @ _transposed_weight_rows(weight).t()).view(batch, height, width, in_channels)
     grad_weight = (x_nhwc.view(-1, in_channels).t() @ grad_rows).view(in_channels, kernel, kernel, -1)
-    grad_bias = grad_nhwc.sum((0, 1, 2), dtype=torch.float32)
+    grad_bias = grad_nhwc.sum((0, 1, 2), dtype=bias_grad_dtype(x))
     return grad_x.permute(0, 3, 1, 2), grad_weight.permute(0, 3, 1, 2).contiguous(), grad_bias
 
 
 @_conv_transpose2d_backward.register_fake
 def _(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: int) -> tuple[torch.Tensor, ...]:
-    return _fake_grads(x, weight, out_channels=weight.shape[1])
+    return fake_grads(x, weight, out_channels=weight.shape[1])
 
 
 @custom_op("fastvae::conv2d_as_matmul", mutates_args=())
@@ -137,13 +145,13 @@ def _conv2d_backward(
     grad_x = _scatter_add_patches(torch.zeros_like(x_nhwc), patches, stride)
     windows = _gather_patches(x_nhwc, kernel, stride, (out_h, out_w))
     grad_weight = (windows.t() @ grad_out_rows).view(kernel, kernel, in_channels, out_channels)
-    grad_bias = grad_out_rows.sum(0, dtype=torch.float32)
+    grad_bias = grad_out_rows.sum(0, dtype=bias_grad_dtype(x))
     return grad_x.permute(0, 3, 1, 2), grad_weight.permute(3, 2, 0, 1).contiguous(), grad_bias
 
 
 @_conv2d_backward.register_fake
 def _(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: int) -> tuple[torch.Tensor, ...]:
-    return _fake_grads(x, weight, out_channels=weight.shape[0])
+    return fake_grads(x, weight, out_channels=weight.shape[0])
 
 
 def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: torch.Tensor) -> None:
@@ -173,23 +181,21 @@ def _operands(x: torch.Tensor, layer: nn.Module) -> tuple[torch.Tensor, torch.Te
 
 
 def conv2d_as_matmul(x: torch.Tensor, layer: nn.Conv2d) -> torch.Tensor:
-    """`layer(x)` for x (B, Ci, H, W) as one matmul per pass; the result is channels_last.
+    """`layer(x)` for x (B, Ci, H, W) as one matmul per pass (or the layer itself: `library_layer_runs`); the
+    result is channels_last, in x's dtype (autocast's under autocast).
 
-    While exporting, the layer itself runs, so the graph keeps ONNX's own Conv, which onnxruntime runs fast.
+    For layers with padding 0, dilation 1 and groups 1, as the lab's are; equal to the layer up to rounding (the
+    tests compare in float64). x may be any layout; channels_last makes the internal NHWC view free.
     """
-    if torch.compiler.is_exporting():
+    if library_layer_runs(x):
         return layer(x)
     return _conv2d(*_operands(x, layer), layer.bias, layer.stride[0])
 
 
 def conv_transpose2d_as_matmul(x: torch.Tensor, layer: nn.ConvTranspose2d) -> torch.Tensor:
-    """`layer(x)` for x (B, Ci, H, W) as one matmul per pass; the result is channels_last.
-
-    While exporting, the layer itself runs, so the graph keeps ONNX's own ConvTranspose. So it does for a
-    single image without autograd, where the op's per-call cost outweighs its gain.
+    """`layer(x)` for x (B, Ci, H, W) as one matmul per pass (or the layer itself: `library_layer_runs`); the
+    result is channels_last, in x's dtype (autocast's under autocast). The same conditions as `conv2d_as_matmul`.
     """
-    # NOTE: batch 1, no grad, 2-core Xeon: the decoder's last two layers took 168 and 166 us as this op,
-    # 65 and 86 us in oneDNN; from batch 4 up the op was faster or within 25 us.
-    if torch.compiler.is_exporting() or (x.shape[0] == 1 and not torch.is_grad_enabled()):
+    if library_layer_runs(x):
         return layer(x)
     return _conv_transpose2d(*_operands(x, layer), layer.bias, layer.stride[0])

@@ -1,8 +1,4 @@
-"""Datasets as whole uint8 tensors (N, 1, 28, 28) read from IDX files, and batches drawn by shuffled index.
-
-A whole split of (Fashion-)MNIST is 47 MB, so it lives on the training device and no per-sample Python or
-worker process ever stands between the data and the model.
-"""
+"""Datasets as whole uint8 tensors (N, 1, 28, 28) read from IDX files, and batches drawn by shuffled index."""
 
 from __future__ import annotations
 
@@ -16,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastvae.config import DATASETS
 from fastvae.errors import FastVAEError
 
-DATASETS = ("fashion-mnist", "mnist")
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 MNIST_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastvae"
 _SPLIT_PREFIX = {"train": "train", "test": "t10k"}
@@ -190,6 +186,8 @@ def shuffled_batches(
     """Float batches (batch_size // world_size, C, H, W) of one shuffled pass over `images` (on its device):
     rank `rank`'s consecutive slice of each global batch of `batch_size` (which world_size divides).
 
+    The batches are indexed out of `images` where it lies: a whole split of (Fashion-)MNIST is 47 MB, so it lives on
+    the training device and no per-sample Python or worker process stands between the data and the model.
     Every rank draws the same permutation from an equally seeded `generator`, so the ranks' slices are
     disjoint and together are the single-process batch. The last partial batch is dropped so every step has
     the same shape (one compiled graph); the shuffle differs every epoch, so no image is left out for long.

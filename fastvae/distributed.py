@@ -1,15 +1,4 @@
-"""Training on several processes or machines under torchrun: NCCL on CUDA, Gloo on CPU, DistributedDataParallel.
-
-Every rank draws the same shuffle from the seed and takes its B / world_size rows of each global batch, and draws
-those rows' eps from counters that start at its first row (fastvae.train), so a run on N processes computes the
-single-process run's function. Synchronized: gradients (DDP, after each rank scales its loss by world_size: DDP
-averages, the single-process loss is a sum over the global batch), the loss value (all-reduced every step: rank 0
-reports the global loss, and a non-finite one stops every rank at the same step), BatchNorm running statistics (DDP
-broadcasts rank 0's buffers before each forward). Not synchronized: BatchNorm's batch statistics; each rank
-normalizes over its own shard, as DDP does by default, because `nn.SyncBatchNorm` adds two collectives per
-BatchNorm layer per step (forward and backward) and, in torch 2.14, refuses CPU modules and breaks torch.compile's
-graph (pytorch/pytorch#156680). `--sync-bn` converts to it on CUDA. Rank 0 alone logs, evaluates and writes files.
-"""
+"""Training on several processes or machines under torchrun: NCCL on CUDA, Gloo on CPU, DistributedDataParallel."""
 
 from __future__ import annotations
 
@@ -120,20 +109,26 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
 
 
-def wrap(model: torch.nn.Module, device: torch.device, compile: bool, sync_bn: bool) -> torch.nn.Module:
-    """`model` (already on `device`) for the training step: DDP around it, compiled inside the wrapper.
+def wrap(model: torch.nn.Module, device: torch.device, compile_mode: str | None, fullgraph: bool,
+         sync_bn: bool) -> torch.nn.Module:
+    """`model` (already on `device`) for the training step: DDP around it, compiled inside the wrapper with
+    torch.compile's `compile_mode` (None: not compiled).
 
     torch.compile cannot trace DDP's forward (with fullgraph=True: "Unsupported method call"), so the
     model is compiled and DDP wraps it, as PyTorch's "where to apply torch.compile" advises. SyncBatchNorm
-    breaks the graph (pytorch/pytorch#161302), so with --sync-bn the compile may split it.
+    breaks the graph (pytorch/pytorch#161302), so with --sync-bn the plan compiles without fullgraph.
     """
+    # Without --sync-bn each process normalizes over its own shard, DDP's default: nn.SyncBatchNorm adds two
+    # collectives per BatchNorm layer per step (forward and backward) and, in torch 2.14, refuses CPU modules and
+    # breaks torch.compile's graph (pytorch/pytorch#156680). The running statistics need no such sync: DDP
+    # broadcasts rank 0's buffers before each forward.
     if sync_bn:
         torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # in place: the same parameters and buffers
     # NOTE: the decoder's last weight (64, 1, 4, 4) gets a channels_last gradient, strides (16, 1, 4, 1)
     # against the parameter's (16, 16, 4, 1): they differ only on the size-1 dim, the same memory layout, so
     # DDP's "may impair performance" warning does not apply.
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-    inner = torch.compile(model, fullgraph=not sync_bn) if compile else model
+    inner = model if compile_mode is None else torch.compile(model, mode=compile_mode, fullgraph=fullgraph)
     return DistributedDataParallel(inner, device_ids=[device.index] if device.type == "cuda" else None)
 
 
@@ -143,7 +138,8 @@ def world_size() -> int:
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """The sum of `tensor` over all processes, in a new tensor (in place would change the caller's loss
-    behind autograd's back); `tensor` itself in a single process."""
+    behind autograd's back); `tensor` itself in a single process. Every step's loss is summed this way, so rank 0
+    reports the global loss and a non-finite one stops every process at the same step."""
     if not dist.is_initialized():
         return tensor
     total = tensor.detach().clone()

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from fastvae.data import ordered_batches
-from fastvae.model import VAE
+from fastvae.model import VAE, vae_loss
 
 
 @torch.no_grad()
@@ -22,8 +22,7 @@ def negative_elbo(
     for batch in ordered_batches(images, batch_size):
         eps = torch.randn((len(batch), model.z_dim), generator=generator, device=batch.device)
         logits, _, _, kl = model(batch, eps)
-        bce = F.binary_cross_entropy_with_logits(logits.float(), batch, reduction="sum")
-        total += (bce + kl.sum()).item()
+        total += vae_loss(logits, batch, kl).item()
     model.train(was_training)
     return total / len(images)
 

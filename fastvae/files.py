@@ -77,3 +77,31 @@ def save_png(path: str | Path, images: np.ndarray, nrow: int) -> None:
 
     picture = Image.fromarray(image_grid(images, nrow))
     atomic_write(path, lambda f: picture.save(f, format="PNG"))
+
+
+def check_output_file(path: str | Path, option: str) -> Path:
+    """Prove, before any slow work, that the file `path` (given as `option`, e.g. "--out") can be written:
+    missing parent folders are created; a directory, a file in the way of a folder, an unwritable folder or a
+    read-only file raise a one-line FastVAEError. Leaves nothing behind but the folders it created."""
+    path = Path(path)
+    if path.is_dir():
+        raise FastVAEError(f"cannot write {path} ({option}): it is a directory; give a file name, not a folder")
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise FastVAEError(f"cannot write {path} ({option}): {blocker} is a file, not a folder; choose another path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FastVAEError(f"cannot write {path} ({option}): cannot create the folder {path.parent} ({e.strerror}); "
+                           "choose another path") from e
+    try:
+        # O_TMPFILE where the OS has it, else a file unlinked at once: nothing is left in the folder.
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as e:
+        raise FastVAEError(f"cannot write {path} ({option}): the folder {path.parent} is not writable "
+                           f"({e.strerror}); choose another path") from e
+    if path.exists() and not os.access(path, os.W_OK):
+        raise FastVAEError(f"cannot write {path} ({option}): the file exists and is read-only; choose another path "
+                           "or make it writable")
+    return path

@@ -1,12 +1,5 @@
-"""glibc malloc settings for CPU training: keep freed memory in the process for the next step.
-
-PyTorch's CPU tensors come straight from malloc. By default glibc serves every block of 32 MiB or more (and
-smaller ones until its threshold adapts) with a fresh mmap and unmaps it on free, so each training step
-page-faults its large activations back in and the kernel zeroes them first. A batch-1024 step allocates
-several hundred MB this way: on a 2-core Xeon a 75 MB copy took 19.7 ms into fresh memory and 6.1 ms into
-reused memory, and the fast model's step ran at 2,370 images/s with the default and 3,340 with this setting.
-The cost is that the process keeps its peak heap until it exits, as PyTorch's CUDA caching allocator does.
-"""
+"""glibc malloc settings for CPU training: keep freed memory in the process for the next step, instead of
+unmapping every large block on free and page-faulting it back in (zeroed) on the next step."""
 
 from __future__ import annotations
 
@@ -31,17 +24,21 @@ def _glibc() -> ctypes.CDLL | None:
     return libc
 
 
-def keep_freed_memory() -> str:
-    """Make glibc keep freed memory (no mmap for large blocks, no trimming); returns a line for the log.
+def keep_freed_memory() -> str | None:
+    """Make glibc keep freed memory (no mmap for large blocks, no trimming); None when done, else why not.
 
-    Process-wide: call it in a process that trains, not in a library import.
+    Process-wide: call it in a process that trains, not in a library import. The cost is that the process keeps
+    its peak heap until it exits, as PyTorch's CUDA caching allocator does.
     """
+    # NOTE: a batch-1024 step allocates several hundred MB of large tensors. On a 2-core Xeon a 75 MB copy took
+    # 19.7 ms into fresh memory and 6.1 into reused memory, and fastvae's eager step 365 ms with glibc's
+    # defaults against 232 ms with this setting (docs/performance.md).
     libc = _glibc()
     if libc is None:
-        return "cpu allocator: system (not glibc, nothing to tune)"
+        return "not glibc: nothing to tune"
     if not (libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, _MAX_INT)):
-        return "cpu allocator: system (glibc refused mallopt)"
-    return "cpu allocator: cached (glibc keeps freed memory for the next step; --cpu-allocator system to turn off)"
+        return "glibc refused mallopt"
+    return None
 
 
 def return_freed_memory() -> None:

@@ -1,11 +1,5 @@
 """A run folder on disk, laid out so that a kill at any instant leaves its last complete checkpoint loadable.
-
-    run.json    the run's record (configs, per-epoch metrics) naming its checkpoint folder; replaced last
-    epoch-N/    model.safetensors and optimizer.pt of epoch N, renamed into place as a whole folder
-    recon.png, samples.png
-
-Torch-free, so the command line can read and check a run before it imports torch.
-"""
+Torch-free, so the command line can read and check a run before it imports torch."""
 
 from __future__ import annotations
 
@@ -21,10 +15,13 @@ from typing import Annotated, Any, BinaryIO
 
 from pydantic import StringConstraints, TypeAdapter, ValidationError
 
-from fastvae.config import ModelConfig, TrainConfig
+from fastvae.config import ModelConfig, RunPlan, TrainConfig
 from fastvae.errors import FastVAEError
 from fastvae.files import atomic_write, fsync_dir
 
+# The layout: run.json, the run's record (configs, plan, per-epoch metrics) naming its checkpoint folder, replaced
+# last; epoch-N/, model.safetensors and optimizer.pt of epoch N, renamed into place as a whole folder; and the
+# trainer's recon.png and samples.png.
 RECORD = "run.json"
 WEIGHTS = "model.safetensors"
 OPTIMIZER = "optimizer.pt"
@@ -46,22 +43,18 @@ class EpochMetrics:
 
 @dataclass(frozen=True)
 class RunRecord:
-    """The schema of run.json; `checkpoint` None is the first layout, with the files in the run folder itself."""
+    """The schema of run.json; `checkpoint` None: the weights and optimizer state lie in the run folder itself."""
 
     model_config: ModelConfig
     train_config: TrainConfig
-    device: str
-    world_size: int
-    amp_dtype: str | None
-    kernel: str
-    kernel_reason: str
+    plan: RunPlan
     epochs_done: int
     epochs: list[EpochMetrics] = field(default_factory=list)
     checkpoint: Annotated[str, StringConstraints(pattern=f"^{_CHECKPOINT.pattern}$")] | None = None
 
     def __post_init__(self) -> None:
-        if self.epochs_done < 0 or self.world_size < 1:
-            raise ValueError(f"epochs_done {self.epochs_done} and world_size {self.world_size} must be >= 0 and >= 1")
+        if self.epochs_done < 0:
+            raise ValueError(f"epochs_done must be >= 0, got {self.epochs_done}")
         if self.checkpoint is not None and self.checkpoint != checkpoint_name(self.epochs_done):
             raise ValueError(f"checkpoint {self.checkpoint!r} is not the folder of epoch {self.epochs_done}")
 
@@ -69,12 +62,33 @@ class RunRecord:
 _SCHEMA = TypeAdapter(RunRecord)
 
 
-def new_record(model_config: ModelConfig, train_config: TrainConfig, *, device: str = "cpu", world_size: int = 1,
-               amp_dtype: str | None = None, kernel: str = "torch", kernel_reason: str = "",
+def new_record(model_config: ModelConfig, train_config: TrainConfig, plan: RunPlan,
                epochs_done: int = 0) -> dict[str, Any]:
     """A run record with no epoch metrics yet, as a dict (the form the trainer updates and run.json holds)."""
-    return asdict(RunRecord(model_config, train_config, device, world_size, amp_dtype, kernel, kernel_reason,
-                            epochs_done))
+    return asdict(RunRecord(model_config, train_config, plan, epochs_done))
+
+
+def _with_plan(data: Any) -> Any:
+    """A record that holds its device, kernel and precision facts at the top level instead of a `plan`, with
+    those facts as a plan."""
+    try:
+        if "plan" in data or "device" not in data:
+            return data
+        legacy = {k: data.pop(k) for k in ("device", "world_size", "amp_dtype", "kernel", "kernel_reason")}
+        train = data["train_config"]
+        fast = train.get("model", "fast") == "fast"
+        data["plan"] = {
+            "device": legacy["device"], "distributed": legacy["world_size"] > 1, "world_size": legacy["world_size"],
+            "model": "fast" if fast else "reference", "layers": "matmul" if fast else None,
+            "kernel": legacy["kernel"], "amp_dtype": legacy["amp_dtype"], "compile": train.get("compile", False),
+            "compile_mode": "default" if train.get("compile") else None, "cuda_graph": False,
+            "fullgraph": bool(train.get("compile")) and fast, "sync_bn": train.get("sync_bn", False),
+            "cpu_allocator": train.get("cpu_allocator", "cached") if legacy["device"] == "cpu" else None,
+            "reasons": {"kernel": legacy["kernel_reason"]},
+        }
+    except (KeyError, TypeError, AttributeError):
+        pass  # not a record of that shape either: the schema names what is wrong
+    return data
 
 
 def checkpoint_name(epoch: int) -> str:
@@ -96,7 +110,12 @@ def parse_record(text: bytes | str, source: Path) -> dict[str, Any]:
     """run.json's text, validated as a whole: the record as plain dicts and lists, or a one-line FastVAEError
     naming the file and the first bad key."""
     try:
-        return _SCHEMA.dump_python(_SCHEMA.validate_json(text, strict=True))
+        data = json.loads(text)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise FastVAEError(f"{source} is not a valid fastvae run record (invalid JSON: {e}); restore it or start "
+                           "a new --out") from e
+    try:
+        return _SCHEMA.dump_python(_SCHEMA.validate_json(json.dumps(_with_plan(data)), strict=True))
     except ValidationError as e:
         problem = _first_error(e)
     except (ValueError, FastVAEError) as e:  # a config's own check (e.g. batch_size 0), or __post_init__'s
@@ -118,6 +137,26 @@ def load_record(out_dir: str | Path) -> dict[str, Any]:
 def checkpoint_dir(out_dir: str | Path, record: dict[str, Any]) -> Path:
     """The folder holding the weights and optimizer state that `record` (read from `out_dir`) names."""
     return Path(out_dir) / record["checkpoint"] if record["checkpoint"] else Path(out_dir)
+
+
+# Options a resumed run must keep, so that it continues the same function and random streams.
+FIXED_ON_RESUME = ("data", "batch_size", "lr", "beta", "seed", "model", "limit_train")
+
+
+def configs_to_resume(out_dir: Path, given: dict[str, Any], z_dim: int | None) -> tuple[TrainConfig, ModelConfig]:
+    """The configs of resuming the run in `out_dir` with the options `given` (TrainConfig field -> value) and
+    --z-dim `z_dim`: the checkpoint's for what a resumed run keeps, refusing options that contradict them."""
+    record = load_record(out_dir)
+    saved, model_config = record["train_config"], ModelConfig(**record["model_config"])
+    if z_dim is not None and z_dim != model_config.z_dim:
+        raise FastVAEError(f"--z-dim {z_dim} disagrees with the checkpoint in {out_dir} (z_dim {model_config.z_dim})")
+    for name in FIXED_ON_RESUME:
+        if name in given and given[name] != saved[name]:
+            raise FastVAEError(
+                f"--{name.replace('_', '-')} {given[name]} disagrees with the checkpoint in {out_dir} "
+                f"({saved[name]}): a resumed run keeps it"
+            )
+    return TrainConfig(**{**{k: saved[k] for k in FIXED_ON_RESUME}, **given}), model_config
 
 
 _crash_points: dict[int, int] = {}
@@ -177,7 +216,7 @@ def commit_checkpoint(out_dir: Path, record: dict[str, Any], files: dict[str, Ca
             shutil.rmtree(path, ignore_errors=True)
         elif path.name != name and _CHECKPOINT.fullmatch(path.name):
             _discard(path)
-        elif path.name in (WEIGHTS, OPTIMIZER):  # the first layout's files, superseded by the new record
+        elif path.name in (WEIGHTS, OPTIMIZER):  # files of a record without `checkpoint`, superseded by the new one
             path.unlink()
         else:
             continue

@@ -16,12 +16,13 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from fastvae.config import DEVICES
+
 # The graph contract of each part written by `fastvae export`: input and output names, in order.
 INPUTS = {"decoder": ("z",), "encoder": ("images",), "vae": ("images", "eps")}
 OUTPUTS = {"decoder": ("images",), "encoder": ("mean", "log_sigma"), "vae": ("reconstruction", "mean", "log_sigma")}
-# Keys in the ONNX file's metadata_props, written by fastvae.export.onnx.
+# Keys in the ONNX file's metadata_props, written by fastvae.export.exporter.
 META_PART, META_Z_DIM, META_IMAGE_SHAPE = "fastvae.part", "fastvae.z_dim", "fastvae.image_shape"
-DEVICES = ("auto", "cpu", "cuda")
 # On CPU a batch that holds a decoder and at least MIN_PIECE images per core is split into pieces of at most
 # MAX_PIECE that run at the same time, one thread each. Measured on a 2-core Xeon, default decoder graph: batch
 # 1024 took 46 ms in pieces of 64 against 54 ms whole on onnxruntime's threads, batch 128 5.7 against 6.5 ms,
@@ -91,17 +92,26 @@ def make_session(model: str | Path | bytes, device: str = "auto", threads: int |
     providers = [cuda_provider, "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
     source = model if isinstance(model, bytes) else str(model)
     try:
-        session = ort.InferenceSession(source, options, providers=providers)
+        # Without a GPU there is nothing to fall back to: onnxruntime's fallback would only print an
+        # "EP Error" banner on stdout and load a bad file a second time.
+        session = ort.InferenceSession(source, options, providers=providers, enable_fallback=int(cuda))
     except Exception as e:  # onnxruntime raises its own types (InvalidProtobuf, Fail, ...) for a bad file
         name = "the model" if isinstance(model, bytes) else str(model)
-        raise ValueError(f"{name} is not a loadable ONNX model (corrupt, truncated or not ONNX): {e}") from e
+        raise ValueError(f"{name} is not a loadable ONNX model (corrupt, truncated or not ONNX): {_one_line(e)}") from e
     if device == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
         raise ValueError("device 'cuda' asked for, but onnxruntime could not start its CUDA provider")
     return session
 
 
+def _one_line(error: BaseException) -> str:
+    """An exception's message on one line: onnxruntime's span several, and the CLI prints exactly one."""
+    return " ".join(str(error).split())
+
+
 def _check_array(array: object, name: str, shape: tuple[int | None, ...], unit: bool) -> np.ndarray:
-    """`array` as C-contiguous float32 of `shape` (None: any size >= 1), finite, and in [0, 1] if `unit`."""
+    """`array` as C-contiguous float32 of `shape` (None: any size >= 1), finite, and in [0, 1] if `unit`.
+
+    A float array of any precision is converted to float32; integer, bool and other dtypes raise ValueError."""
     expected = "(" + ", ".join("B" if d is None else str(d) for d in shape) + ")"
     if not isinstance(array, np.ndarray):
         raise ValueError(f"{name} must be a numpy array of shape {expected}, got {type(array).__name__}")
@@ -134,21 +144,43 @@ class OnnxVAE:
         if not self.path.is_file():
             raise ValueError(f"no ONNX model at {self.path}: expected a file written by `fastvae export`")
         self.session = make_session(self.path, device)
-        meta = self.session.get_modelmeta().custom_metadata_map
-        try:
+        try:  # a damaged file can hold names that are not UTF-8: UnicodeDecodeError is a ValueError
+            meta = self.session.get_modelmeta().custom_metadata_map
             self.part = meta[META_PART]
             self.z_dim = int(meta[META_Z_DIM])
             self.image_shape: tuple[int, int, int] = tuple(json.loads(meta[META_IMAGE_SHAPE]))
+            if self.z_dim < 1 or len(self.image_shape) != 3 or not all(type(d) is int and d > 0
+                                                                        for d in self.image_shape):
+                raise ValueError(f"z_dim {self.z_dim} and image shape {self.image_shape} are not sizes")
+            inputs, outputs = ([(v.name, v.type, v.shape) for v in values]
+                               for values in (self.session.get_inputs(), self.session.get_outputs()))
         except (KeyError, ValueError, TypeError) as e:
-            raise ValueError(f"{self.path} is an ONNX model but not a fastvae export (metadata: {e})") from e
-        names = ([i.name for i in self.session.get_inputs()], [o.name for o in self.session.get_outputs()])
+            raise ValueError(f"{self.path} is an ONNX model but not a fastvae export (its metadata or graph: "
+                             f"{_one_line(e)})") from e
+        names = ([name for name, _, _ in inputs], [name for name, _, _ in outputs])
         if self.part not in INPUTS or names != (list(INPUTS[self.part]), list(OUTPUTS[self.part])):
             raise ValueError(f"{self.path}: part {self.part!r} with inputs/outputs {names} is not a fastvae export")
+        self._check_graph_shapes(inputs + outputs)
         self.metadata = dict(meta)
+        # onnxruntime logs a failing run's error to stderr as well as raising it; the ValueError carries it, and
+        # the CLI prints exactly one line.
+        self._run_options = ort.RunOptions()
+        self._run_options.log_severity_level = 4  # fatal only
         split = split_batches and self.provider == "CPUExecutionProvider" and self.part != "encoder"
         self._workers = physical_cores() if split else 1
         if self._workers > 1:
             self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="fastvae-onnx")
+
+    def _check_graph_shapes(self, values: list[tuple[str, str, list[int | str | None]]]) -> None:
+        """The graph's declared inputs and outputs, (name, type, shape), are float32 of the metadata's shapes,
+        every size but the batch fixed: buffers are sized from the metadata, so a damaged size must fail here, not
+        allocate or run."""
+        sizes = {"images": self.image_shape, "reconstruction": self.image_shape}
+        for name, kind, shape in values:
+            expected = ("batch", *sizes.get(name, (self.z_dim,)))
+            if kind != "tensor(float)" or len(shape) != len(expected) or list(shape[1:]) != list(expected[1:]):
+                raise ValueError(f"{self.path}: the graph's {name} is {kind} {shape} but its metadata says float "
+                                 f"{list(expected)}: the file is damaged or not a fastvae export")
 
     @functools.cached_property
     def _piece_session(self) -> ort.InferenceSession:
@@ -180,6 +212,10 @@ class OnnxVAE:
             session = self._piece_session  # made here, once, before the threads use it
             # onnxruntime releases the GIL while it runs, so the pieces run on all cores at once.
             list(self._pool.map(lambda piece: self._run_piece(session, feeds, outputs, *piece), pieces))
+        # A checkpoint with a NaN weight, or a damaged file, gives NaN images that would save as black PNGs.
+        if not all(np.isfinite(out).all() for out in outputs):
+            raise ValueError(f"{self.path} produced NaN or infinite values: the model's weights are broken; "
+                             "export it again from a good checkpoint")
         return outputs
 
     def _run_piece(self, session: ort.InferenceSession, feeds: dict[str, np.ndarray], outputs: list[np.ndarray],
@@ -190,10 +226,17 @@ class OnnxVAE:
         for name, out in zip(OUTPUTS[self.part], outputs, strict=True):
             piece = out[start:stop]
             binding.bind_output(name, "cpu", 0, np.float32, piece.shape, piece.ctypes.data)
-        session.run_with_iobinding(binding)
+        try:
+            session.run_with_iobinding(binding, self._run_options)
+        except Exception as e:  # onnxruntime raises RuntimeError and its own types for a graph that cannot run
+            raise ValueError(f"{self.path} could not be run by onnxruntime (damaged or not a fastvae export): "
+                             f"{_one_line(e)}") from e
 
     def decode(self, z: np.ndarray) -> np.ndarray:
-        """Latents (B, Z) -> images (B, C, 28, 28) float32 in [0, 1]. Needs a decoder export."""
+        """Latents (B, Z) -> images (B, C, 28, 28) float32 in [0, 1]. Needs a decoder export.
+
+        Float arrays of any precision are converted to float32; integer, bool and other dtypes raise ValueError.
+        """
         self._require(("decoder",), "decode")
         z = _check_array(z, "z", (None, self.z_dim), unit=False)
         return self._run({"z": z}, [(len(z), *self.image_shape)])[0]
@@ -209,7 +252,9 @@ class OnnxVAE:
     def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Images (B, C, 28, 28) in [0, 1] -> q(z|x)'s mean and log sigma, each (B, Z) float32.
 
-        Works on an encoder export, or a vae export (run with eps = 0; its reconstruction is discarded)."""
+        Works on an encoder export, or a vae export (run with eps = 0; its reconstruction is discarded).
+        Float arrays of any precision are converted to float32; integer, bool and other dtypes raise ValueError.
+        """
         self._require(("encoder", "vae"), "encode")
         images = _check_array(images, "images", (None, *self.image_shape), unit=True)
         latent = (len(images), self.z_dim)
@@ -222,7 +267,10 @@ class OnnxVAE:
 
     def reconstruct(self, images: np.ndarray, seed: int | None = None) -> np.ndarray:
         """Images (B, C, 28, 28) in [0, 1] -> reconstructions, same shape, decoded from z = mean + sigma * eps
-        with eps ~ N(0, I) from numpy's Generator(seed). Needs a vae export."""
+        with eps ~ N(0, I) from numpy's Generator(seed). Needs a vae export.
+
+        Float arrays of any precision are converted to float32; integer, bool and other dtypes raise ValueError.
+        """
         self._require(("vae",), "reconstruct")
         images = _check_array(images, "images", (None, *self.image_shape), unit=True)
         latent = (len(images), self.z_dim)

@@ -1,8 +1,5 @@
-"""The training step and loop: compile, AMP, per-epoch checkpoints, exact resume, torchrun (fastvae.distributed).
-
-Randomness is derived from (--seed, epoch, purpose), so an epoch's shuffle and eps draws do not depend on
-what ran before it: resuming at an epoch boundary reproduces an uninterrupted run bit for bit.
-"""
+"""The training loop: epochs of the run plan's step (fastvae.step), test-set evaluation, per-epoch checkpoints, exact
+resume, torchrun (fastvae.distributed)."""
 
 from __future__ import annotations
 
@@ -17,24 +14,39 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fastvae import distributed, reference
+from fastvae import distributed
 from fastvae.checkpoint import load_into, load_optimizer_state, load_weights, save_checkpoint
-from fastvae.config import ModelConfig, TrainConfig
+from fastvae.config import ModelConfig, RunPlan, TrainConfig
 from fastvae.data import load_images, shuffled_batches, to_float
 from fastvae.distributed import Launch
 from fastvae.errors import FastVAEError
 from fastvae.evaluate import negative_elbo
 from fastvae.files import ensure_writable_dir, save_png
-from fastvae.kernels import resolve_kernel
-from fastvae.kernels.reparameterize_kl import sample_eps_torch
 from fastvae.malloc import keep_freed_memory
-from fastvae.model import VAE, vae_loss
+from fastvae.model import VAE
+from fastvae.plan import make_plan
 from fastvae.run_folder import RECORD, crash_point, load_record, new_record
+from fastvae.step import build_step
 
+# Purposes of the derived seeds. A random stream is seeded from (--seed, epoch, purpose), epoch 0 for the streams that
+# are the same every epoch, so an epoch's shuffle and eps draws do not depend on what ran before it: resuming at an
+# epoch boundary reproduces an uninterrupted run bit for bit.
 _SHUFFLE, _EPS, _EVAL, _SAMPLES = range(4)
 IMAGES = ("recon.png", "samples.png")
+# NOTE: a host read waits for every queued step to finish, which leaves a GPU idle for about one step's launch
+# latency; a read every 50 steps keeps that under 1% of an epoch (an estimate: not yet measured on a GPU).
+READ_EVERY = 50
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+def read_schedule(steps: int) -> list[int]:
+    """The steps after which an epoch of `steps` reads its loss on the host: the first (its time, with any
+    compiling, is reported on its own), every READ_EVERY-th, and the last."""
+    return sorted({1, steps, *range(READ_EVERY, steps + 1, READ_EVERY)})
+
+
+def read_to_host(values: torch.Tensor) -> list[float]:
+    """The training loop's one host read (it waits for the device): `values` as Python floats."""
+    return values.tolist()
 
 
 def derived_seed(seed: int, *keys: int) -> int:
@@ -46,101 +58,18 @@ def generator(seed: int, *keys: int, device: torch.device | str = "cpu") -> torc
     return torch.Generator(device=device).manual_seed(derived_seed(seed, *keys))
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise FastVAEError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu or auto")
-    if name not in ("cpu", "cuda"):
-        raise FastVAEError(f"--device must be auto, cpu or cuda, got {name!r}")
-    return torch.device(name)
-
-
-def amp_dtype(device: torch.device, enabled: bool, log: Callable[[str], None]) -> torch.dtype | None:
-    """bf16 where the device supports it, fp16 (with a gradient scaler) on older GPUs, None without --amp."""
-    if not enabled:
-        return None
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        log("note: this CPU has no native bf16; --amp works but will be slower than fp32")
-    return torch.bfloat16
-
-
-def resolve_train_kernel(config: TrainConfig, device: torch.device) -> tuple[str, str]:
-    """The run's reparameterize+KL implementation ('triton' or 'torch') and why, for the log and run.json."""
-    if config.model == "reference":
-        if config.kernel == "triton":
-            raise FastVAEError("--kernel triton needs --model fast: the lab's model has no fused kernel")
-        return "torch", "the reference model is the lab's code; its eps comes from counter_normal"
-    try:
-        return resolve_kernel(config.kernel, device)
-    except ValueError as e:
-        raise FastVAEError(f"--kernel {config.kernel}: {e}") from e
-
-
-def build_model(kind: str, config: ModelConfig) -> torch.nn.Module:
-    return VAE(config) if kind == "fast" else reference.VAE(config)
-
-
-def make_loss_fn(model: torch.nn.Module, kind: str, beta: float, dtype: torch.dtype | None,
-                 kernel: str = "torch") -> LossFn:
-    """loss(images (B, C, H, W) float, seed_offset) -> the batch's summed negative ELBO (fp32 scalar).
-
-    seed_offset is the int64 tensor [seed, offset] that eps (B, Z) is drawn from: in the Triton kernel with
-    kernel 'triton'; otherwise here, by sample_eps_torch (inside the graph under torch.compile), and given to
-    the model as an explicit eps: the PyTorch op's numbers, for the lab's model (which takes only an eps) as
-    for the fast one (whose seed_offset path would pick Triton on CUDA even with --kernel torch).
-    """
-    device_type = next(model.parameters()).device.type
-    z_dim = getattr(model, "module", model).z_dim  # under torchrun, DDP holds the model in .module
-
-    def fast_loss(images: torch.Tensor, seed_offset: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            if kernel == "triton":
-                logits, _, _, kl = model(images, seed_offset=seed_offset)
-            else:
-                logits, _, _, kl = model(images, sample_eps_torch(seed_offset, (len(images), z_dim)))
-        return vae_loss(logits, images, kl, beta)
-
-    def reference_loss(images: torch.Tensor, seed_offset: torch.Tensor) -> torch.Tensor:
-        recon, q_dist = model(images, sample_eps_torch(seed_offset, (len(images), z_dim)))
-        return reference.loss(recon, images, q_dist, beta)
-
-    if kind == "reference" and dtype is not None:
-        raise FastVAEError("--amp needs --model fast: the lab's Sigmoid + BCELoss is unsafe under autocast")
-    return fast_loss if kind == "fast" else reference_loss
-
-
-def train_step(loss_fn: LossFn, images: torch.Tensor, seed_offset: torch.Tensor,
-               optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> float:
-    """One step: loss, backward, optimizer update. Returns the global batch's loss (summed over torchrun's
-    processes, so all of them see it); a non-finite one changes nothing, on every process alike."""
-    loss = loss_fn(images, seed_offset)  # this process's shard
-    value = distributed.all_reduce_sum(loss).item()
-    if np.isfinite(value):
-        # DDP averages gradients over processes; the single-process loss is a sum over the global batch.
-        scaler.scale(loss * distributed.world_size()).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-    return value
-
-
 class Trainer:
-    """Owns the model, its compiled twin, the optimizer and the data of one run."""
+    """Owns the plan, the training step (model, compiled loss, optimizer) and the data of one run."""
 
-    def __init__(self, config: TrainConfig, model_config: ModelConfig, out_dir: Path,
+    def __init__(self, config: TrainConfig, model_config: ModelConfig, out_dir: Path, plan: RunPlan,
                  log: Callable[[str], None] = print, progress: bool = True, launch: Launch = Launch()) -> None:
-        self.config, self.model_config, self.out_dir, self.log = config, model_config, out_dir, log
+        self.config, self.model_config, self.out_dir, self.plan, self.log = config, model_config, out_dir, plan, log
         self.progress, self.launch = progress, launch
         self.pictures_repaired = False
-        self.device = distributed.rank_device(resolve_device(config.device), launch)
-        self.kernel, kernel_reason = resolve_train_kernel(config, self.device)
-        log(f"kernel: {self.kernel} ({kernel_reason})")
-        if self.device.type == "cpu" and config.cpu_allocator == "cached":
-            log(keep_freed_memory())
-        self.dtype = amp_dtype(self.device, config.amp, log)
+        self.device = plan.torch_device
+        log(f"plan:\n{self.plan.describe()}")
+        if self.plan.cpu_allocator == "cached" and (why_not := keep_freed_memory()):
+            log(f"note: --cpu-allocator cached had no effect ({why_not})")
         train_images = load_images(config.data, "train", config.data_dir)
         self.test_images = load_images(config.data, "test", config.data_dir).to(self.device)
         if config.limit_train is not None:
@@ -155,27 +84,10 @@ class Trainer:
         if shape != expected:
             raise FastVAEError(f"{config.data} images are {shape}, the model expects {expected}")
         self.train_images = train_images.to(self.device)
-
-        torch.manual_seed(derived_seed(config.seed))
-        self.model = build_model(config.model, model_config).to(self.device)
-        # Keep the plain model for checkpoints; only the step function is compiled (under torchrun: the model
-        # inside DDP).
-        if launch.distributed:
-            wrapped = distributed.wrap(self.model, self.device, config.compile, config.sync_bn)
-            self.loss_fn = make_loss_fn(wrapped, config.model, config.beta, self.dtype, self.kernel)
-        else:
-            loss_fn = make_loss_fn(self.model, config.model, config.beta, self.dtype, self.kernel)
-            # The lab's code calls torch.distributions.kl_divergence, whose type dispatch dynamo cannot trace:
-            # it compiles in pieces around it. The fast model must compile whole.
-            fullgraph = config.model == "fast"
-            self.loss_fn = torch.compile(loss_fn, fullgraph=fullgraph) if config.compile else loss_fn
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype is torch.float16)
-        self.record = new_record(
-            model_config, config, device=str(self.device), world_size=launch.world_size,
-            amp_dtype=str(self.dtype).replace("torch.", "") if self.dtype else None, kernel=self.kernel,
-            kernel_reason=kernel_reason,
-        )
+        self.step = build_step(self.plan, model_config, lr=config.lr, beta=config.beta,
+                               seed=derived_seed(config.seed))
+        self.model = self.step.model
+        self.record = new_record(model_config, config, self.plan)
 
     def resume(self) -> None:
         record = load_record(self.out_dir)
@@ -187,8 +99,8 @@ class Trainer:
             )
         load_into(self.model, state, self.out_dir)
         saved = load_optimizer_state(self.out_dir, epoch)
-        self.optimizer.load_state_dict(saved["optimizer"])
-        self.scaler.load_state_dict(saved["scaler"])
+        self.step.optimizer.load_state_dict(saved["optimizer"])
+        self.step.scaler.load_state_dict(saved["scaler"])
         self.record["epochs_done"] = epoch
         self.record["epochs"] = record["epochs"]
         self.record["checkpoint"] = record["checkpoint"]
@@ -200,48 +112,56 @@ class Trainer:
             self.pictures_repaired = True
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
-        """One pass over the training set; `epoch` counts from 1."""
-        config, model = self.config, self.model
+        """One pass over the training set; `epoch` counts from 1. The host reads the loss only at the steps of
+        `read_schedule`: between them, steps queue on the device without waiting for it."""
+        config, model, device = self.config, self.model, self.device
         model.train()
         steps = len(self.train_images) // config.batch_size
+        reads = set(read_schedule(steps))
         shuffle = generator(config.seed, epoch, _SHUFFLE)
-        eps_seed = derived_seed(config.seed, epoch, _EPS)
         bar = tqdm(total=steps, desc=f"epoch {epoch}/{config.epochs}", unit="step",
                    disable=not self.progress, leave=False)
-        loss_sum, first_step_s, start = 0.0, None, time.perf_counter()
         launch, z_dim = self.launch, self.model_config.z_dim
         first_row = launch.rank * (config.batch_size // launch.world_size)  # this process's, in a global batch
+        # eps[row, col] is normal number offset + row * Z + col under the epoch's seed (Philox in the Triton
+        # kernel, counter_normal in PyTorch): the offset grows by B * Z a step, so every step and row of the
+        # epoch has its own counters, and starting at global row first_row gives each process the
+        # single-process rows' eps. It grows on the device, so a step reads nothing from the host.
+        seed_offset = torch.tensor([derived_seed(config.seed, epoch, _EPS), first_row * z_dim], device=device)
+        # [sum of the finite losses, first step whose loss was not finite (0: none yet)]
+        tally = torch.zeros(2, dtype=torch.float64, device=device)
+        start, read_step, read_time = time.perf_counter(), 0, 0.0
         batches = shuffled_batches(self.train_images, config.batch_size, shuffle, launch.rank, launch.world_size)
         for step, images in enumerate(batches, 1):
-            # eps[row, col] is normal number offset + row * Z + col under eps_seed (Philox in the Triton
-            # kernel, counter_normal in PyTorch): an offset of B * Z per step gives every step and row of the
-            # epoch its own counters (see kernels/reparameterize_kl), and starting at global row first_row
-            # gives each process the single-process rows' eps.
-            offset = ((step - 1) * config.batch_size + first_row) * z_dim
-            seed_offset = torch.tensor([eps_seed, offset], device=self.device)
-            value = train_step(self.loss_fn, images, seed_offset, self.optimizer, self.scaler)
-            if not np.isfinite(value):
+            loss = self.step(images, seed_offset)
+            seed_offset[1:] += config.batch_size * z_dim
+            finite = torch.isfinite(loss)
+            tally[0] += torch.where(finite, loss.double(), 0.0)
+            tally[1] = torch.where(finite | (tally[1] > 0), tally[1], float(step))
+            if step not in reads:
+                continue
+            loss_sum, bad_step = read_to_host(tally)
+            if bad_step:
                 bar.close()
                 raise FastVAEError(
-                    f"loss became {value} at epoch {epoch}, step {step}: training stopped; the checkpoint of "
-                    f"epoch {epoch - 1} in {self.out_dir} is intact (try a lower --lr, or drop --amp)"
+                    f"the loss became NaN or infinite at epoch {epoch}, step {int(bad_step)}: training stopped; the "
+                    f"checkpoint of epoch {epoch - 1} in {self.out_dir} is intact (try a lower --lr, or drop --amp)"
                 )
-            loss_sum += value
-            if first_step_s is None:
-                first_step_s = time.perf_counter() - start
-                steady_start, steady_images = time.perf_counter(), 0
-            else:
-                steady_images += config.batch_size  # global images/s: the processes step in lockstep
-            elapsed = time.perf_counter() - steady_start
-            bar.set_postfix(loss=f"{loss_sum / (step * config.batch_size):.2f}",
-                            img_s=f"{steady_images / elapsed:.0f}" if elapsed > 0 else "-")
-            bar.update()
+            now = time.perf_counter()
+            if read_step == 0:
+                first_step_s, steady_start = now - start, now
+            read_step, read_time = step, now
+            steady = read_time - steady_start
+            # global images/s: the processes step in lockstep
+            speed = f"{(step - 1) * config.batch_size / steady:.0f}" if steady > 0 else "-"
+            bar.set_postfix(loss=f"{loss_sum / (step * config.batch_size):.2f}", img_s=speed)
+            bar.update(step - bar.n)
         bar.close()
-        seconds = time.perf_counter() - start
-        steady = time.perf_counter() - steady_start
+        seconds = read_time - start
+        steady = read_time - steady_start
         return {
             "train_loss": loss_sum / (steps * config.batch_size),
-            "images_per_s": steady_images / steady if steps > 1 else config.batch_size / seconds,
+            "images_per_s": (steps - 1) * config.batch_size / steady if steps > 1 else config.batch_size / seconds,
             "first_step_s": first_step_s,
             "seconds": seconds,
         }
@@ -255,7 +175,7 @@ class Trainer:
         return twin
 
     def save(self) -> None:
-        optimizer_state = {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
+        optimizer_state = {"optimizer": self.step.optimizer.state_dict(), "scaler": self.step.scaler.state_dict()}
         self.record["checkpoint"] = save_checkpoint(self.out_dir, self.model, self.model_config, self.record,
                                                     optimizer_state)
         self.save_images()
@@ -311,8 +231,7 @@ def train(config: TrainConfig, model_config: ModelConfig, out: str | Path, resum
     writes `out` (every process reads it to resume).
     """
     launch = distributed.from_env()
-    device = distributed.rank_device(resolve_device(config.device), launch)
-    distributed.check_options(config, launch, device)
+    plan = make_plan(config, launch)  # refuses what cannot work before any process waits on another
     out_dir, created = Path(out), None
     if launch.main:
         created = _first_missing(out_dir)
@@ -322,8 +241,8 @@ def train(config: TrainConfig, model_config: ModelConfig, out: str | Path, resum
     else:
         log, progress = lambda _: None, False
     try:
-        with distributed.process_group(launch, device, config.dist_timeout):
-            trainer = Trainer(config, model_config, out_dir, log, progress, launch)
+        with distributed.process_group(launch, plan.torch_device, config.dist_timeout):
+            trainer = Trainer(config, model_config, out_dir, plan, log, progress, launch)
             if resume:
                 trainer.resume()
             return trainer.fit()

@@ -1,17 +1,4 @@
-"""The decoder's stride-1 transposed convolution by Toom-Cook (Winograd) minimal filtering, for training and export.
-
-With stride 1, ConvTranspose2d is a full 2D linear convolution of each input channel with each kernel slice. Both
-are evaluated at n points per axis (n = input side + kernel - 1), which turns the layer into n^2 independent channel
-products: points = T_in @ x over the input pixels, one (batch, Cin) x (Cin, Cout) matmul per point with the
-weights transformed (G W G^T), and out = T_out @ products over the points, which interpolates the output pixels.
-For the lab's 3x3 -> 6x6 layer with a 4x4 kernel that is 36 products per image instead of 144, with no overlap-add;
-the backward pass is the same three steps, transposed. Measured on a 2-core Xeon, a training step at batch 1024
-took 229 ms against 288 ms with the layer as one matmul plus a scatter (`fastvae.conv_as_matmul`).
-
-The transforms add fp32 rounding (see WINOGRAD_POINTS): ~2e-6 relative on the layer's output and gradients, within
-fp32's 1e-5; in float64 the result equals the convolution to 1e-13. bf16 keeps the direct form, since the
-transforms would amplify its rounding.
-"""
+"""The decoder's stride-1 transposed convolution by Toom-Cook (Winograd) minimal filtering, for training and export."""
 
 from __future__ import annotations
 
@@ -21,11 +8,13 @@ import torch
 import torch.nn as nn
 from torch.library import custom_op
 
-from fastvae.conv_as_matmul import conv_transpose2d_as_matmul
+from fastvae.conv_as_matmul import bias_grad_dtype, conv_transpose2d_as_matmul, fake_grads, library_layer_runs
 
 # Evaluation points (None: infinity) for the 6-point transform: among sets of small fractions, one of the lowest
-# fp32 errors that are exact in binary. Measured against float64 on random weights: the layer's largest error 2.6e-6
-# of its largest output (direct sum: 1.8e-7; points 0, +-1, +-2, infinity: 4.4e-6).
+# fp32 errors that are exact in binary.
+# NOTE: against float64 on random weights, the layer's largest error was 2.6e-6 of its largest output (direct sum:
+# 1.8e-7; points 0, +-1, +-2, infinity: 4.4e-6), the gradients' of the same order: within fp32's 1e-5. In float64
+# the layer equals the convolution to 1e-13.
 WINOGRAD_POINTS = (0.0, -1.0, -2.0, 0.5, 1.5, None)
 
 
@@ -71,6 +60,11 @@ def _channels_last(pixels: torch.Tensor, batch: int, side: int) -> torch.Tensor:
     return pixels.view(side, side, batch, -1).permute(2, 0, 1, 3).contiguous().permute(0, 3, 1, 2)
 
 
+# With stride 1, ConvTranspose2d is a full 2D linear convolution of each input channel with each kernel slice. Both
+# are evaluated at n points per axis (n = input side + kernel - 1), which turns the layer into n^2 independent channel
+# products: points = T_in @ x over the input pixels, one (batch, Cin) x (Cin, Cout) matmul per point with the weights
+# transformed (G W G^T), and out = T_out @ products over the points, which interpolates the output pixels. For the
+# lab's 3x3 -> 6x6 layer with a 4x4 kernel that is 36 products per image instead of 144, with no overlap-add.
 @custom_op("fastvae::conv_transpose2d_winograd", mutates_args=())
 def _conv_transpose2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     batch, cin, side, _ = x.shape
@@ -88,10 +82,7 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor
     return x.new_empty(x.shape[0], side, side, weight.shape[1]).permute(0, 3, 1, 2)
 
 
-def _bias_grad_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)  # a sum over batch and pixels: at least fp32
-
-
+# The forward's three steps, transposed.
 @custom_op("fastvae::conv_transpose2d_winograd_backward", mutates_args=())
 def _conv_transpose2d_backward(
     grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
@@ -107,14 +98,13 @@ def _conv_transpose2d_backward(
     grad_x = _channels_last(points_in.t() @ grad_points.view(len(grad_points), -1), batch, side)
     grad_point_weights = torch.bmm(points.transpose(1, 2), grad_products).view(len(points), -1)
     grad_weight = (evaluate_kernel.t() @ grad_point_weights).view(kernel, kernel, cin, cout).permute(2, 3, 0, 1)
-    grad_bias = grad_pixels.reshape(-1, cout).sum(0, dtype=_bias_grad_dtype(x))
+    grad_bias = grad_pixels.reshape(-1, cout).sum(0, dtype=bias_grad_dtype(x))
     return grad_x, grad_weight.contiguous(), grad_bias
 
 
 @_conv_transpose2d_backward.register_fake
 def _(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    grad_x = x.new_empty(x.shape[0], *x.shape[2:], x.shape[1]).permute(0, 3, 1, 2)
-    return grad_x, torch.empty_like(weight), x.new_empty(weight.shape[1], dtype=_bias_grad_dtype(x))
+    return fake_grads(x, weight, out_channels=weight.shape[1])
 
 
 def _save_for_backward(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: torch.Tensor) -> None:
@@ -135,12 +125,13 @@ def conv_transpose2d_winograd(x: torch.Tensor, layer: nn.ConvTranspose2d) -> tor
     """`layer(x)` for a stride-1 layer and x (B, Ci, H, W), by Winograd; the result is channels_last.
 
     Hands over to `conv_transpose2d_as_matmul` under autocast and for other dtypes than fp32/fp64 (the transforms
-    would amplify bf16's rounding), and so for what that hands to the library layer (export, one image without
-    autograd).
+    would amplify bf16's rounding), and to the layer itself where `library_layer_runs`.
     """
     if layer.stride[0] != 1:
         raise ValueError(f"Winograd here computes stride-1 transposed convolutions, got stride {layer.stride[0]}")
     low_precision = torch.is_autocast_enabled(x.device.type) or x.dtype not in (torch.float32, torch.float64)
-    if low_precision or torch.compiler.is_exporting() or (x.shape[0] == 1 and not torch.is_grad_enabled()):
+    if library_layer_runs(x):
+        return layer(x)
+    if low_precision:
         return conv_transpose2d_as_matmul(x, layer)
     return _conv_transpose2d(x, layer.weight, layer.bias)

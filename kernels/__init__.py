@@ -1,31 +1,29 @@
-"""Public ops of fastvae and the choice of implementation behind each: Triton on CUDA, PyTorch elsewhere."""
+"""Public ops of fastvae.kernels: reparameterize + KL, by the PyTorch formula (everywhere) or the Triton kernels."""
 
 from __future__ import annotations
 
 import torch
 
-from fastvae.kernels.reparameterize_kl import reparameterize_kl_torch, sample_eps_torch
 from fastvae.kernels.reparameterize_kl_compiled import reparameterize_kl_sampled_compiled
+from fastvae.kernels.reparameterize_kl_torch import reparameterize_kl_torch, sample_eps_torch
 
-KERNELS = ("auto", "triton", "torch")
+
+def triton_installed() -> bool:
+    """Whether Triton imports here (torch ships it for Linux only; a broken install counts as missing)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
-def resolve_kernel(kernel: str, device: torch.device | str) -> tuple[str, str]:
-    """'auto' | 'triton' | 'torch' for tensors on `device` -> ('triton' or 'torch', the reason, for logs).
+def load_triton_kernels() -> None:
+    """Register the Triton ops as torch.ops.fastvae.* (once); needs Triton installed.
 
-    Raises ValueError for an unknown name, or for 'triton' off CUDA: the kernels have no CPU backend, and
-    inside torch.compile a Triton op on CPU tensors fails, so CPU always gets the PyTorch formula.
+    `fastvae.model.VAE(kernel="triton")` calls it, the kernel a run plan (fastvae.plan) picks on CUDA with Triton;
+    nothing else in the package imports the Triton module, so it works where torch ships no Triton (macOS, Windows).
     """
-    device_type = torch.device(device).type
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
-    if kernel == "torch":
-        return "torch", "asked for"
-    if device_type == "cuda":
-        return "triton", "asked for" if kernel == "triton" else "auto: CUDA tensors"
-    if kernel == "triton":
-        raise ValueError(f"the Triton kernels need CUDA tensors, these are on {device_type}; use auto or torch")
-    return "torch", f"auto: {device_type} tensors; the Triton kernels run on CUDA only"
+    import fastvae.kernels.reparameterize_kl_triton  # noqa: F401  (registration is the import's effect)
 
 
 def reparameterize_kl(
@@ -33,25 +31,25 @@ def reparameterize_kl(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """z = mean + exp(log_sigma) * eps (B, Z) in mean's dtype, and KL(q || N(0, I)) per row (B,) in fp32.
 
-    With eps given this is the parity and evaluation path, so it stays on the PyTorch twin unless asked.
+    kernel 'triton' needs load_triton_kernels() first and CUDA tensors; 'torch' is the PyTorch formula.
     """
-    if resolve_kernel(kernel, mean.device)[0] == "triton":
+    if kernel == "triton":
         return torch.ops.fastvae.reparameterize_kl(mean, log_sigma, eps)
     return reparameterize_kl_torch(mean, log_sigma, eps)
 
 
 def reparameterize_kl_sampled(
-    mean: torch.Tensor, log_sigma: torch.Tensor, seed_offset: torch.Tensor, kernel: str = "auto"
+    mean: torch.Tensor, log_sigma: torch.Tensor, seed_offset: torch.Tensor, kernel: str = "torch"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """As `reparameterize_kl`, with eps (B, Z) drawn from seed_offset = int64 tensor [seed, offset].
 
     Triton draws eps in the kernel (never stored); the PyTorch path draws other numbers from the same counters
-    (fastvae.kernels.counter_normal). Neither reads the pair on the host: torch.compile traces into both.
+    (`sample_eps_torch`). Neither reads the pair on the host: torch.compile traces into both.
     """
-    if resolve_kernel(kernel, mean.device)[0] == "triton":
-        return torch.ops.fastvae.reparameterize_kl_sample(mean, log_sigma, seed_offset)
+    if kernel == "triton":
+        return torch.ops.fastvae.reparameterize_kl_sampled(mean, log_sigma, seed_offset)
     return reparameterize_kl_torch(mean, log_sigma, sample_eps_torch(seed_offset, mean.shape))
 
 
-__all__ = ["KERNELS", "reparameterize_kl", "reparameterize_kl_sampled", "reparameterize_kl_sampled_compiled",
-           "resolve_kernel"]
+__all__ = ["load_triton_kernels", "reparameterize_kl", "reparameterize_kl_sampled",
+           "reparameterize_kl_sampled_compiled", "sample_eps_torch", "triton_installed"]

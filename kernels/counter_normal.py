@@ -1,7 +1,5 @@
 """Counter-based standard normals in plain tensor ops: element i of a draw is a function of (seed, offset + i).
-
-No generator state and no host read, so torch.compile traces the draw into its graph and inductor fuses and
-vectorizes it; a new [seed, offset] is new data, not a new graph. The hash is splitmix64's; then Box-Muller.
+No generator state and no host read, so torch.compile traces a draw into its graph, which inductor fuses and vectorizes.
 """
 
 from __future__ import annotations
@@ -43,6 +41,7 @@ def counter_normal(seed_offset: torch.Tensor, shape: tuple[int, ...] | torch.Siz
     numbers). The largest |value| is sqrt(-2 ln 2**-33) = 6.76: u1 is at least 2**-33, never 0.
     """
     numel = math.prod(shape)
+    # The pair is read on the device only: to a compiled graph a new [seed, offset] is new data, not a new graph.
     counters = seed_offset[1] + torch.arange(1, numel + 1, dtype=torch.int64, device=seed_offset.device)
     bits = _mix64(_mix64(seed_offset[0]) + counters * _GOLDEN)  # (numel,) int64
     # u1 in (0, 1] from the high 32 bits (+0.5: log never sees 0; values below 2**24, which make the tails,

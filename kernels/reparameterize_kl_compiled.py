@@ -10,7 +10,11 @@ from collections.abc import Callable
 import torch
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from fastvae.kernels.reparameterize_kl import _backward_torch, reparameterize_kl_torch, sample_eps_torch
+from fastvae.kernels.reparameterize_kl_torch import (
+    reparameterize_kl_backward_torch,
+    reparameterize_kl_torch,
+    sample_eps_torch,
+)
 
 
 def _forward(
@@ -30,7 +34,7 @@ def _compiled() -> tuple[Callable[..., tuple[torch.Tensor, ...]], Callable[..., 
     # Xeon): AOTAutograd's partitioner draws eps again in the backward rather than saving it, and its wrappers
     # cost more per call. These two graphs, with eps saved, took 244 us (276 us drawing eps again).
     return (torch.compile(_forward, fullgraph=True, dynamic=False),
-            torch.compile(_backward_torch, fullgraph=True, dynamic=False))
+            torch.compile(reparameterize_kl_backward_torch, fullgraph=True, dynamic=False))
 
 
 class _Sampled(torch.autograd.Function):

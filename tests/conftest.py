@@ -1,4 +1,7 @@
-"""Shared fixtures: fresh seeds, tolerances per dtype, tiny IDX datasets written on the fly."""
+"""Shared fixtures: fresh seeds, tiny IDX datasets written on the fly, and the `cuda` marker's skip.
+
+Plain helpers (TOLERANCES, relative_error, folder_snapshot) live in tests/helpers.py.
+"""
 
 from __future__ import annotations
 
@@ -11,16 +14,16 @@ import torch
 
 from fastvae.data import write_idx
 
-# Relative error allowed when a fast path is compared with the reference, by the dtype it computes in.
-TOLERANCES = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float64: 1e-10}
-
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip every test marked `cuda` on a machine without a CUDA GPU: the one place that decides it."""
+    if torch.cuda.is_available():
+        return
     skip = pytest.mark.skip(reason="needs a CUDA GPU; this machine has none")
-    if not torch.cuda.is_available():
-        for item in items:
-            if "cuda" in item.keywords:
-                item.add_marker(skip)
+    for item in items:
+        # The marker, not item.keywords: those also hold parametrize ids, and an id may be "cuda".
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)
@@ -29,12 +32,6 @@ def fresh_seed() -> int:
     seed = int.from_bytes(os.urandom(4), "little")
     torch.manual_seed(seed)
     return seed
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """||actual - expected|| / ||expected|| in float64."""
-    actual, expected = actual.double(), expected.double()
-    return ((actual - expected).norm() / expected.norm().clamp_min(1e-300)).item()
 
 
 def _blobs(n: int, rng: np.random.Generator) -> np.ndarray:

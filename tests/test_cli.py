@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -108,3 +109,63 @@ def test_unknown_dataset_exits_without_traceback(tmp_path: Path) -> None:
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert "invalid choice: 'cifar'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_resume_with_nothing_to_do_says_so(trained_run: Path, tiny_data_dir: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    before = folder_snapshot(trained_run)
+    assert main(["train", "--resume", "--epochs", "1", "--out", str(trained_run), "--data-dir", str(tiny_data_dir),
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "nothing was trained or written" in out and "wrote" not in out, out
+    assert folder_snapshot(trained_run) == before
+
+
+def test_resume_writes_missing_pictures(trained_run: Path, tiny_data_dir: Path, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """A kill between a checkpoint and its pictures leaves them missing; a resume puts them back."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    for name in ("recon.png", "samples.png"):
+        (run / name).unlink()
+    assert main(["train", "--resume", "--epochs", "1", "--out", str(run), "--data-dir", str(tiny_data_dir),
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "wrote the missing recon.png, samples.png" in out and "nothing was trained;" in out, out
+    for name in ("recon.png", "samples.png"):
+        assert (run / name).read_bytes() == (trained_run / name).read_bytes()
+
+
+def test_a_failed_first_run_leaves_no_trace(tiny_data_dir: Path, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    _fails(["train", "--data-dir", str(tiny_data_dir), "--batch-size", "1024", "--out", str(tmp_path / "a" / "b")],
+           capsys, "larger than the training set")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    import onnxruntime
+    import torch
+
+    import fastvae
+
+    for flag in ("--version", "-V"):
+        assert main([flag]) == 0
+        out = capsys.readouterr().out
+        for text in (f"fastvae {fastvae.__version__}", f"torch {torch.__version__}",
+                     f"onnxruntime {onnxruntime.__version__}", "triton ", "device: "):
+            assert text in out, out
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--epochs", "0"], ["train", "--batch-size", "0"], ["train", "--lr", "0"], ["train", "--z-dim", "0"],
+    ["train", "--epochs", "x"], ["eval", "run", "--k", "0"], ["sample", "m.onnx", "--n", "0"], ["export"],
+], ids=lambda argv: "-".join(argv))
+def test_option_errors_answer_before_torch_loads(argv: list[str], tmp_path: Path) -> None:
+    """A smoke check, not a benchmark: the limit is generous for a loaded 2-core machine."""
+    code = ("import sys\nfrom fastvae.cli import main\ncode = main(sys.argv[1:])\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\nsys.exit(code)\n")
+    result = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=3,
+                            cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr, result.stderr

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import copy
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn as nn
 
 from fastvae.conv_as_matmul import conv2d_as_matmul, conv_transpose2d_as_matmul
-from tests.conftest import TOLERANCES, relative_error
+from tests.helpers import TOLERANCES, relative_error
 
 # (layer class, in channels, out channels, kernel, stride, input side): the model's layers and an odd one.
 LAYERS = [
@@ -81,11 +79,3 @@ def test_autocast_computes_in_bf16(spec: tuple) -> None:
     assert relative_error(out, copy.deepcopy(layer).double()(x.detach().double())) <= TOLERANCES[torch.bfloat16]
     out.float().sum().backward()
     assert x.grad.dtype == layer.weight.grad.dtype == layer.bias.grad.dtype == torch.float32
-
-
-def test_keep_freed_memory_reports_what_it_did() -> None:
-    # In a child: the setting is process-wide and this test process should keep glibc's defaults.
-    code = "from fastvae.malloc import keep_freed_memory; print(keep_freed_memory())"
-    line = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    expected = "cached" if sys.platform.startswith("linux") else "system"
-    assert line.startswith(f"cpu allocator: {expected}"), line

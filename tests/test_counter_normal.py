@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import pytest
 import torch
 
 from fastvae.kernels import reparameterize_kl_sampled, reparameterize_kl_sampled_compiled
@@ -74,6 +75,7 @@ def test_standard_normal_statistics(fresh_seed: int) -> None:
     assert x.abs().max().item() <= math.sqrt(-2 * math.log(2.0**-33)) + 1e-6, seed
 
 
+@pytest.mark.slow
 def test_compiled_draw_equals_eager_and_a_new_pair_does_not_recompile() -> None:
     compiled = torch.compile(counter_normal, fullgraph=True, dynamic=False)  # fullgraph: no host read, no break
     compiled(_pair(SEED, 0), (7, 33))
@@ -84,6 +86,7 @@ def test_compiled_draw_equals_eager_and_a_new_pair_does_not_recompile() -> None:
             torch.testing.assert_close(compiled(pair, (7, 33)), counter_normal(pair, (7, 33)), rtol=1e-5, atol=3e-6)
 
 
+@pytest.mark.slow
 def test_compiled_sampled_op_matches_the_eager_formula() -> None:
     """reparameterize_kl_sampled_compiled: forward and backward graphs, eps drawn in the first and saved."""
     batch, z_dim = 7, 33

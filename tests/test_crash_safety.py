@@ -91,7 +91,8 @@ def test_sigkill_at_every_step_of_a_save(epoch: int, tiny_data_dir: Path, tmp_pa
 def test_first_layout_loads_and_resumes(tiny_data_dir: Path, tmp_path: Path,
                                         uninterrupted: dict[str, torch.Tensor],
                                         capsys: pytest.CaptureFixture[str]) -> None:
-    """Run folders written before checkpoint folders existed hold the weights beside run.json."""
+    """Run folders written before checkpoint folders and run plans existed: the weights beside run.json, and the
+    device, kernel and precision as keys of their own."""
     out = tmp_path / "run"
     assert main(_argv(tiny_data_dir, out, 1)) == 0
     record = json.loads((out / RECORD).read_text())
@@ -99,6 +100,9 @@ def test_first_layout_loads_and_resumes(tiny_data_dir: Path, tmp_path: Path,
         shutil.move(out / record["checkpoint"] / name, out / name)
     (out / record["checkpoint"]).rmdir()
     del record["checkpoint"]
+    plan = record.pop("plan")
+    record.update(device=plan["device"], world_size=1, amp_dtype=None, kernel=plan["kernel"],
+                  kernel_reason=plan["reasons"]["kernel"])
     (out / RECORD).write_text(json.dumps(record))
     assert main(["eval", str(out), "--data-dir", str(tiny_data_dir), "--k", "2", "--limit", "4"]) == 0
     assert "(epoch 1," in capsys.readouterr().out

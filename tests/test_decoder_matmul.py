@@ -8,7 +8,7 @@ import torch
 from fastvae.config import ModelConfig
 from fastvae.export.decoder_matmul import DecoderAsMatmuls
 from fastvae.model import VAE
-from tests.conftest import TOLERANCES, relative_error
+from tests.helpers import TOLERANCES, relative_error
 
 
 def _trained_looking(config: ModelConfig) -> VAE:

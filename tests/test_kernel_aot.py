@@ -13,20 +13,23 @@ from itertools import product
 
 import pytest
 import torch
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
-from fastvae.kernels.reparameterize_kl import (
+triton = pytest.importorskip("triton", reason="ahead-of-time compiling the kernels needs Triton")
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from fastvae.kernels.reparameterize_kl_triton import (  # noqa: E402
     NUM_WARPS,
     _reparameterize_kl_backward_kernel,
     _reparameterize_kl_forward_kernel,
     block_sizes,
 )
 
-pytestmark = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") == "1", reason="TRITON_INTERPRET=1 makes the kernels interpreted functions"
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
+                       reason="TRITON_INTERPRET=1 makes the kernels interpreted functions"),
+]
 
 KERNELS = [_reparameterize_kl_forward_kernel, _reparameterize_kl_backward_kernel]
 TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}

@@ -12,6 +12,7 @@ from PIL import Image
 from torch.distributions import Normal
 
 from fastvae import reference
+from fastvae import step as step_module
 from fastvae import train as train_module
 from fastvae.checkpoint import load_weights, save_checkpoint
 from fastvae.cli import main
@@ -19,8 +20,11 @@ from fastvae.config import ModelConfig, TrainConfig
 from fastvae.data import load_images
 from fastvae.evaluate import importance_weighted_bound, negative_elbo
 from fastvae.kernels.counter_normal import counter_normal
+from fastvae.kernels.reparameterize_kl_torch import reparameterize_kl_torch
 from fastvae.model import VAE
+from fastvae.plan import cpu_plan, make_plan
 from fastvae.run_folder import new_record
+from fastvae.step import make_loss_fn
 from tests.helpers import folder_snapshot
 
 
@@ -69,6 +73,7 @@ def test_reference_model_trains_and_loads_into_fast(tiny_data_dir: Path, tmp_pat
     VAE(config).load_state_dict(state)
 
 
+@pytest.mark.slow
 def test_reference_model_compiles(tiny_data_dir: Path, tmp_path: Path) -> None:
     """--model reference --compile: dynamo cannot trace kl_divergence's dispatch, so a whole-graph compile
     raised a traceback; the lab's code compiles in pieces."""
@@ -81,7 +86,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(
     out = tmp_path / "run"
     assert _train(tiny_data_dir, out, "--epochs", "1") == 0
     before = folder_snapshot(out)
-    real = train_module.make_loss_fn
+    real = step_module.make_loss_fn
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -94,7 +99,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(
 
         return loss
 
-    monkeypatch.setattr(train_module, "make_loss_fn", poisoned)
+    monkeypatch.setattr(step_module, "make_loss_fn", poisoned)
     assert main(["train", "--resume", "--epochs", "3", "--out", str(out), "--data-dir", str(tiny_data_dir),
                  "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -152,7 +157,7 @@ def test_interrupt_during_save_waits_for_a_whole_checkpoint(tmp_path: Path, monk
 
     monkeypatch.setattr(run_folder, "atomic_write", write_then_interrupt)
     try:
-        record = new_record(ModelConfig(), TrainConfig(), epochs_done=1)
+        record = new_record(ModelConfig(), TrainConfig(), cpu_plan(), epochs_done=1)
         save_checkpoint(tmp_path, VAE(), ModelConfig(), record, {"optimizer": {}})
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -160,14 +165,14 @@ def test_interrupt_during_save_waits_for_a_whole_checkpoint(tmp_path: Path, monk
 
 
 def test_loss_fns_draw_eps_from_the_seed_offset_pair() -> None:
-    """Every model and kernel gets the same eps from one [seed, offset]: counter_normal's (B, Z) draw, passed
-    as an explicit eps to the lab's model and for --kernel torch; the pair itself for the Triton kernel."""
+    """The fast model gets the [seed, offset] pair and draws eps with its kernel; the lab's model (which takes
+    only an eps) gets counter_normal's (B, Z) draw from the same pair: the PyTorch kernel's numbers."""
     config, pair, images = ModelConfig(z_dim=4), torch.tensor([5, 64]), torch.rand(3, 1, 28, 28)
     seen: list[tuple[str, torch.Tensor | None]] = []
 
     class FastSpy(VAE):
         def forward(self, images, eps=None, seed_offset=None):
-            seen.append(("fast", eps if seed_offset is None else seed_offset))
+            seen.append(("fast", seed_offset))
             return super().forward(images, eps, seed_offset)
 
     class ReferenceSpy(reference.VAE):
@@ -175,9 +180,73 @@ def test_loss_fns_draw_eps_from_the_seed_offset_pair() -> None:
             seen.append(("reference", eps))
             return super().forward(images, eps)
 
-    for kind, model, kernel in [("fast", FastSpy(config), "torch"), ("reference", ReferenceSpy(config), "torch"),
-                                ("fast", FastSpy(config), "triton")]:
-        assert train_module.make_loss_fn(model, kind, 1.0, None, kernel)(images, pair).isfinite()
+    for kind, model in [("fast", FastSpy(config)), ("reference", ReferenceSpy(config))]:
+        plan = make_plan(TrainConfig(device="cpu", model=kind))
+        assert make_loss_fn(model, plan, 1.0)(images, pair).isfinite()
     eps = counter_normal(pair, (3, 4))
-    assert [name for name, _ in seen] == ["fast", "reference", "fast"]
-    assert torch.equal(seen[0][1], eps) and torch.equal(seen[1][1], eps) and seen[2][1] is pair
+    assert [name for name, _ in seen] == ["fast", "reference"]
+    assert seen[0][1] is pair and torch.equal(seen[1][1], eps)
+    mean, log_sigma = torch.randn(3, 4), torch.randn(3, 4)
+    for got, expected in zip(VAE(config).reparameterize(mean, log_sigma, seed_offset=pair),
+                             reparameterize_kl_torch(mean, log_sigma, eps), strict=True):
+        assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("steps, expected", [(1, [1]), (2, [1, 2]), (58, [1, 50, 58]), (100, [1, 50, 100]),
+                                             (120, [1, 50, 100, 120])], ids=str)
+def test_read_schedule(steps: int, expected: list[int]) -> None:
+    assert train_module.read_schedule(steps) == expected
+
+
+def test_an_epoch_reads_the_host_only_on_schedule(tiny_data_dir: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A host read waits for the device: an epoch makes exactly the reads of its schedule, whatever its length."""
+    reads: list[int] = []
+    real = train_module.read_to_host
+    monkeypatch.setattr(train_module, "READ_EVERY", 3)
+    monkeypatch.setattr(train_module, "read_to_host", lambda values: reads.append(1) or real(values))
+    assert _train(tiny_data_dir, tmp_path / "run", "--epochs", "2", "--batch-size", "16") == 0  # 8 steps an epoch
+    assert len(reads) == 2 * len(train_module.read_schedule(8)) == 2 * 4
+
+
+@pytest.mark.cuda
+def test_steps_between_reads_never_sync_the_gpu(tiny_data_dir: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA's sync debug mode raises on any synchronizing call. It is on from the end of an epoch's first read
+    to the epoch's end, except inside the loop's own reads: every step after the first is checked."""
+    real_read, real_epoch = train_module.read_to_host, train_module.Trainer.train_epoch
+
+    def read_then_forbid_syncs(values: torch.Tensor) -> list[float]:
+        torch.cuda.set_sync_debug_mode("default")
+        try:
+            return real_read(values)
+        finally:
+            torch.cuda.set_sync_debug_mode("error")
+
+    def epoch(self, epoch: int) -> dict[str, float]:
+        try:
+            return real_epoch(self, epoch)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(train_module, "READ_EVERY", 4)
+    monkeypatch.setattr(train_module, "read_to_host", read_then_forbid_syncs)
+    monkeypatch.setattr(train_module.Trainer, "train_epoch", epoch)
+    assert _train(tiny_data_dir, tmp_path / "run", "--epochs", "1", "--batch-size", "16", "--device", "cuda") == 0
+
+
+def test_fp16_scaler_skips_a_step_whose_gradients_overflow() -> None:
+    """fp16's gradient scaler (CUDA GPUs without bf16) skips an update whose scaled gradients are inf and halves
+    its scale; the step still reads nothing on the host. Checked with the CPU's scaler, the same class."""
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.Adam([weight], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+
+    def loss_fn(images: torch.Tensor, seed_offset: torch.Tensor) -> torch.Tensor:
+        return (weight * images).sum()
+
+    overflow = torch.full((3,), 1e35)  # x 2^16 is past fp32's largest
+    step_module.train_step(loss_fn, overflow, torch.tensor([0, 0]), optimizer, scaler)
+    assert torch.equal(weight.detach(), torch.ones(3)) and scaler.get_scale() == 2.0**15
+    step_module.train_step(loss_fn, torch.ones(3), torch.tensor([0, 0]), optimizer, scaler)
+    assert not torch.equal(weight.detach(), torch.ones(3))

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from fastvae.winograd import WINOGRAD_POINTS, conv_transpose2d_winograd, toom_cook
-from tests.conftest import TOLERANCES, relative_error
+from tests.helpers import TOLERANCES, relative_error
 
 
 @pytest.mark.parametrize("size_in, kernel", [(3, 4), (2, 5), (4, 3)])

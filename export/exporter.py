@@ -16,28 +16,23 @@ import torch.nn as nn
 
 import fastvae
 from fastvae.checkpoint import load_model
-from fastvae.config import ModelConfig
+from fastvae.config import DECODER_GRAPHS, PARTS, ModelConfig
 from fastvae.errors import FastVAEError
 from fastvae.export.decoder_matmul import DecoderAsMatmuls
+from fastvae.export.opset import check_opset
 from fastvae.export.verify import TOLERANCE, random_inputs, verify_onnx
-from fastvae.files import atomic_write, ensure_writable_dir
+from fastvae.files import atomic_write, check_output_file
 from fastvae.model import VAE
 from fastvae.runtime import INPUTS, META_IMAGE_SHAPE, META_PART, META_Z_DIM, OUTPUTS
 
-PARTS = tuple(INPUTS)
 # The example batch is 2, not 1: torch.export specializes dimensions of size 0 and 1 to constants.
 _EXAMPLE_BATCH = 2
-# NOTE: measured (torch 2.14, onnx 1.23): the exporter builds opset 18+ and down-converts; below 16 the ONNX
-# converter has no adapter for this graph (Identity) and the export stays at 18.
-MIN_OPSET = 16
-# How the decoder's transposed convolutions appear in the graph; see part_module.
-DECODER_GRAPHS = ("matmul", "conv")
 
 
 class DecoderPart(nn.Module):
     """z (B, Z) float32 -> images (B, C, 28, 28) float32 in [0, 1]; computes in the weights' dtype."""
 
-    def __init__(self, vae: VAE, decoder: nn.Module) -> None:
+    def __init__(self, decoder: nn.Module) -> None:
         super().__init__()
         self.decoder = decoder
 
@@ -49,9 +44,9 @@ class DecoderPart(nn.Module):
 class EncoderPart(nn.Module):
     """images (B, C, 28, 28) float32 in [0, 1] -> mean (B, Z), log_sigma (B, Z) float32."""
 
-    def __init__(self, vae: VAE, decoder: nn.Module) -> None:
+    def __init__(self, encoder: nn.Module) -> None:
         super().__init__()
-        self.encoder = vae.encode
+        self.encoder = encoder
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean, log_sigma = self.encoder(images.to(_dtype(self)))
@@ -65,7 +60,7 @@ class VAEPart(nn.Module):
 
     def __init__(self, vae: VAE, decoder: nn.Module) -> None:
         super().__init__()
-        self.vae, self.decoder = vae, decoder
+        self.vae, self.decoder = vae, decoder  # the vae's encoder and reparameterization; `decoder` in its place
 
     def forward(self, images: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         mean, log_sigma = self.vae.encode(images.to(_dtype(self)))
@@ -77,22 +72,22 @@ def _dtype(module: nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
 
 
-_WRAPPERS: dict[str, Callable[[VAE, nn.Module], nn.Module]] = {
-    "decoder": DecoderPart, "encoder": EncoderPart, "vae": VAEPart,
-}
-
-
-def part_module(model: VAE, part: str, decoder_graph: str = "conv") -> nn.Module:
+def part_module(model: VAE, part: str, decoder_graph: str = "matmul") -> nn.Module:
     """The eval-mode wrapper exporting `part` of `model` (float32 in and out, whatever the weights' dtype).
 
-    decoder_graph "conv" keeps the model's decoder (the graph gets ConvTranspose nodes); "matmul" swaps in
-    `DecoderAsMatmuls`, the same function as matrix products, faster in onnxruntime on CPU (see README).
+    decoder_graph "matmul" (the export's default) swaps in `DecoderAsMatmuls`, the decoder as matrix products,
+    faster in onnxruntime on CPU (docs/export.md); "conv" keeps the model's own decoder, whose graph gets
+    ConvTranspose nodes: the PyTorch reference that verification compares with.
     """
+    if part not in PARTS:
+        raise FastVAEError(f"unknown part {part!r}: choose one of {', '.join(PARTS)}")
     if decoder_graph not in DECODER_GRAPHS:
         raise FastVAEError(f"unknown decoder graph {decoder_graph!r}: choose one of {', '.join(DECODER_GRAPHS)}")
     model.eval()  # BatchNorm's running statistics: the exported function, and what DecoderAsMatmuls folds
-    decoder = DecoderAsMatmuls(model.decode) if decoder_graph == "matmul" and part != "encoder" else model.decode
-    return _WRAPPERS[part](model, decoder).eval()
+    if part == "encoder":
+        return EncoderPart(model.encode).eval()
+    decoder = DecoderAsMatmuls(model.decode) if decoder_graph == "matmul" else model.decode
+    return (DecoderPart(decoder) if part == "decoder" else VAEPart(model, decoder)).eval()
 
 
 def describe(part: str, config: ModelConfig) -> tuple[dict[str, str], dict[str, str]]:
@@ -118,11 +113,7 @@ def export_part(model: VAE, part: str, *, fp16: bool = False, opset: int | None 
     and outputs stay float32 and callers need not know the precision.
     decoder_graph: "matmul" or "conv", the decoder's form in the graph (`part_module`); the encoder has one.
     """
-    if part not in PARTS:
-        raise FastVAEError(f"unknown part {part!r}: choose one of {', '.join(PARTS)}")
-    if opset is not None and not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
-        raise FastVAEError(f"--opset {opset} is not supported: choose {MIN_OPSET} to {onnx.defs.onnx_opset_version()}, "
-                           "or leave it out for the exporter's recommended opset")
+    check_opset(opset)
     module = part_module(copy.deepcopy(model), part, decoder_graph)  # folded in fp32, then cast
     if fp16:
         module.half()
@@ -156,14 +147,24 @@ def set_metadata(proto: onnx.ModelProto, values: dict[str, str]) -> None:
         proto.metadata_props.add(key=key, value=value)
 
 
+def check_finite_weights(model: nn.Module, checkpoint: str | Path) -> None:
+    """Refuse a model whose parameters or buffers (BatchNorm statistics too) hold NaN or infinity: its export
+    would compute NaN images, however well the graph matches PyTorch."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise FastVAEError(f"{checkpoint}: weight {name} holds NaN or infinity; this checkpoint cannot be "
+                               "exported (train again or use an earlier run)")
+
+
 def export_onnx(out: str | Path, checkpoint: str | Path, part: str = "decoder", *, opset: int | None = None,
                 fp16: bool = False, decoder_graph: str = "matmul", verify: bool = True,
                 log: Callable[[str], None] = print) -> float | None:
     """Export `part` of the run folder `checkpoint` to the ONNX file `out`; returns the verified max abs error
-    (None with verify=False). `out` is replaced atomically, and only after verification passed."""
-    out = Path(out)
-    ensure_writable_dir(out.parent)
+    (None with verify=False). `out` is replaced atomically, and only after verification passed; an `out` that
+    cannot be written and a checkpoint holding NaN or infinity are refused before any export work."""
+    out = check_output_file(out, "the ONNX file")  # before the export's seconds of work
     model, epoch = load_model(checkpoint)
+    check_finite_weights(model, checkpoint)
     config = model.config
     model.eval()
     proto = export_part(model, part, fp16=fp16, opset=opset, decoder_graph=decoder_graph)
@@ -184,7 +185,8 @@ def export_onnx(out: str | Path, checkpoint: str | Path, part: str = "decoder", 
     if verify:
         # Verified as the exact bytes that get written (the parity entry aside), so a failing graph never
         # reaches the disk and an existing `out` stays as it was.
-        error = verify_onnx(proto.SerializeToString(), part_module(model, part), part, config, fp16=fp16, log=log)
+        reference = part_module(model, part, decoder_graph="conv")
+        error = verify_onnx(proto.SerializeToString(), reference, part, config, fp16=fp16, log=log)
         parity = f"{error:.3g} max abs error vs PyTorch fp32 (tolerance {TOLERANCE[fp16]:g})"
     else:
         parity = "not verified (--no-verify)"

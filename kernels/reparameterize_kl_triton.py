@@ -1,15 +1,6 @@
-"""Reparameterize + KL to N(0, I) in one op: z = mean + exp(log_sigma) * eps, and KL per row.
-
-Random numbers. `seed_offset` is an int64 tensor [seed, offset] on the op's device; the Triton kernels draw
-eps[row, col] = tl.randn(seed, offset + row * Z + col) (Philox, keyed by seed, counter = offset + element
-index), and the backward kernel regenerates the same eps from the same pair, so eps is never written to
-memory. The trainer sets seed = derived_seed(--seed, epoch, EPS) and offset = 0 at each epoch's start and
-adds B * Z after every step: every (epoch, step, row, col) gets its own Philox counter, a run is reproducible
-from --seed, and an epoch does not depend on the ones before it (exact resume). The pair lives in a tensor,
-not in Python ints, so a new step does not recompile a compiled graph. The PyTorch implementation draws eps with
-fastvae.kernels.counter_normal under the same convention (element index + offset is the counter, never read on
-the host, so it traces into a compiled graph): other numbers than Triton's Philox, as reproducible.
-"""
+"""Reparameterize + KL to N(0, I) in one Triton kernel a pass: z = mean + exp(log_sigma) * eps, and KL per row.
+Needs Triton: the package imports it only through fastvae.kernels.load_triton_kernels. The PyTorch twin is
+reparameterize_kl_torch."""
 
 from __future__ import annotations
 
@@ -17,8 +8,13 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
+from triton.runtime.interpreter import InterpretedFunction
 
-from fastvae.kernels.counter_normal import counter_normal
+from fastvae.kernels.reparameterize_kl_torch import (
+    reparameterize_kl_backward_torch,
+    reparameterize_kl_torch,
+    sample_eps_torch,
+)
 
 # Elements one program handles: BLOCK_B rows x BLOCK_Z columns, 4 per thread with 8 warps.
 # NOTE: sm_90 AOT build: 8 warps need 64-78 registers a thread, 4 warps 90-159 (Philox and Box-Muller for 8
@@ -26,6 +22,12 @@ from fastvae.kernels.counter_normal import counter_normal
 _TILE = 1024
 NUM_WARPS = 8
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _launcher(kernel: triton.JITFunction | InterpretedFunction) -> object:
+    """wrap_triton(kernel), except under TRITON_INTERPRET=1, where @triton.jit gives an InterpretedFunction that
+    runs eagerly as it is: torch >= 2.13's wrap_triton passes it through, 2.11's and 2.12's raise."""
+    return kernel if isinstance(kernel, InterpretedFunction) else wrap_triton(kernel)
 
 
 @triton.jit
@@ -62,6 +64,8 @@ def _reparameterize_kl_forward_kernel(
         if EPS_IN_MEMORY:
             eps = tl.load(eps_ptr + index, mask=mask, other=0.0)
         else:
+            # Philox keyed by seed, counter offset + element index: the backward kernel draws the same eps again,
+            # so eps is never written to memory.
             eps = tl.randn(seed, offset + index)
         sigma = tl.exp(log_sigma)
         tl.store(z_ptr + index, (mean + sigma * eps).to(z_ptr.dtype.element_ty), mask=mask)
@@ -158,7 +162,7 @@ def reparameterize_kl_forward(
     z = torch.empty((batch, z_dim), dtype=mean.dtype, device=mean.device)
     kl = torch.empty((batch,), dtype=torch.float32, device=mean.device)
     block_b, block_z = block_sizes(z_dim)
-    wrap_triton(_reparameterize_kl_forward_kernel)[(triton.cdiv(batch, block_b),)](
+    _launcher(_reparameterize_kl_forward_kernel)[(triton.cdiv(batch, block_b),)](
         mean, log_sigma, eps_arg, seed_offset_arg, z, kl, batch, z_dim, mean.stride(0), log_sigma.stride(0),
         BLOCK_B=block_b, BLOCK_Z=block_z, EPS_IN_MEMORY=eps is not None, num_warps=NUM_WARPS,
     )
@@ -181,7 +185,7 @@ def reparameterize_kl_backward(
     dmean = torch.empty((batch, z_dim), dtype=mean.dtype, device=mean.device)
     dlog_sigma = torch.empty((batch, z_dim), dtype=mean.dtype, device=mean.device)
     block_b, block_z = block_sizes(z_dim)
-    wrap_triton(_reparameterize_kl_backward_kernel)[(triton.cdiv(batch, block_b),)](
+    _launcher(_reparameterize_kl_backward_kernel)[(triton.cdiv(batch, block_b),)](
         dz, dkl, mean, log_sigma, eps_arg, seed_offset_arg, dmean, dlog_sigma, batch, z_dim, mean.stride(0),
         log_sigma.stride(0), BLOCK_B=block_b, BLOCK_Z=block_z, EPS_IN_MEMORY=eps is not None, num_warps=NUM_WARPS,
     )
@@ -190,7 +194,7 @@ def reparameterize_kl_backward(
 
 # The ops. On CUDA they run the kernels above (and torch.compile traces into them); on CPU they run the
 # PyTorch formula registered below (eager only: inside torch.compile a triton_op is decomposed into its
-# kernels, which have no CPU backend, so the dispatch in fastvae.kernels picks the formula before the op).
+# kernels, which have no CPU backend, so a CPU run's plan picks kernel "torch" and calls the formula, not the op).
 
 
 @triton_op("fastvae::reparameterize_kl", mutates_args=())
@@ -205,14 +209,14 @@ def _eps_backward_op(
     return reparameterize_kl_backward(dz, dkl, mean, log_sigma, eps=eps)
 
 
-@triton_op("fastvae::reparameterize_kl_sample", mutates_args=())
+@triton_op("fastvae::reparameterize_kl_sampled", mutates_args=())
 def _sample_op(
     mean: torch.Tensor, log_sigma: torch.Tensor, seed_offset: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return reparameterize_kl_forward(mean, log_sigma, seed_offset=seed_offset)
 
 
-@triton_op("fastvae::reparameterize_kl_sample_backward", mutates_args=())
+@triton_op("fastvae::reparameterize_kl_sampled_backward", mutates_args=())
 def _sample_backward_op(
     dz: torch.Tensor, dkl: torch.Tensor, mean: torch.Tensor, log_sigma: torch.Tensor, seed_offset: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,7 +232,7 @@ def _eps_cpu(mean: torch.Tensor, log_sigma: torch.Tensor, eps: torch.Tensor) -> 
 def _eps_backward_cpu(
     dz: torch.Tensor, dkl: torch.Tensor, mean: torch.Tensor, log_sigma: torch.Tensor, eps: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _backward_torch(dz, dkl, mean, log_sigma, eps)
+    return reparameterize_kl_backward_torch(dz, dkl, mean, log_sigma, eps)
 
 
 @_sample_op.register_kernel("cpu")
@@ -242,7 +246,7 @@ def _sample_cpu(
 def _sample_backward_cpu(
     dz: torch.Tensor, dkl: torch.Tensor, mean: torch.Tensor, log_sigma: torch.Tensor, seed_offset: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _backward_torch(dz, dkl, mean, log_sigma, sample_eps_torch(seed_offset, mean.shape))
+    return reparameterize_kl_backward_torch(dz, dkl, mean, log_sigma, sample_eps_torch(seed_offset, mean.shape))
 
 
 def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: tuple) -> None:
@@ -255,48 +259,9 @@ def _eps_grads(ctx: torch.autograd.function.FunctionCtx, dz: torch.Tensor, dkl: 
 
 
 def _sample_grads(ctx: torch.autograd.function.FunctionCtx, dz: torch.Tensor, dkl: torch.Tensor) -> tuple:
-    dmean, dlog_sigma = torch.ops.fastvae.reparameterize_kl_sample_backward(dz, dkl, *ctx.saved_tensors)
+    dmean, dlog_sigma = torch.ops.fastvae.reparameterize_kl_sampled_backward(dz, dkl, *ctx.saved_tensors)
     return dmean, dlog_sigma, None
 
 
 _eps_op.register_autograd(_eps_grads, setup_context=_setup_context)
 _sample_op.register_autograd(_sample_grads, setup_context=_setup_context)
-
-
-def sample_eps_torch(seed_offset: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """Standard-normal eps (shape) in fp32 on seed_offset's device, determined by (seed, offset).
-
-    counter_normal's numbers, not Triton's: the same counters (offset + row-major index), another generator.
-    Reads nothing on the host, so it runs inside a compiled graph.
-    """
-    return counter_normal(seed_offset, shape)
-
-
-def reparameterize_kl_torch(
-    mean: torch.Tensor, log_sigma: torch.Tensor, eps: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """mean, log_sigma, eps: (B, Z). Returns z (B, Z) in mean's dtype and KL (B,) in fp32.
-
-    Arithmetic is fp32 for fp32, bf16 and fp16 inputs (fp64 stays fp64, for gradcheck). KL is the closed
-    form of Kingma & Welling (2014), appendix B:
-    KL(N(mean, sigma^2) || N(0, 1)) = sum_z 1/2 (sigma^2 + mean^2 - 1) - log sigma.
-    """
-    compute = torch.promote_types(mean.dtype, torch.float32)
-    mean_c, log_sigma_c = mean.to(compute), log_sigma.to(compute)
-    sigma = log_sigma_c.exp()
-    z = mean_c + sigma * eps.to(compute)
-    kl = (0.5 * (sigma * sigma + mean_c * mean_c - 1.0) - log_sigma_c).sum(-1)
-    return z.to(mean.dtype), kl
-
-
-def _backward_torch(
-    dz: torch.Tensor, dkl: torch.Tensor, mean: torch.Tensor, log_sigma: torch.Tensor, eps: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The backward kernel's formula in PyTorch (the CPU ops' backward)."""
-    compute = torch.promote_types(mean.dtype, torch.float32)
-    mean_c, log_sigma_c, eps_c, dz_c = (t.to(compute) for t in (mean, log_sigma, eps, dz))
-    dkl_c = dkl.to(compute)[:, None]  # (B, 1)
-    sigma = log_sigma_c.exp()
-    dmean = dz_c + dkl_c * mean_c
-    dlog_sigma = dz_c * eps_c * sigma + dkl_c * (sigma * sigma - 1.0)
-    return dmean.to(mean.dtype), dlog_sigma.to(log_sigma.dtype)

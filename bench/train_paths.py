@@ -1,0 +1,56 @@
+"""The training paths the benchmarks compare, each a set of `fastvae train` options, and one step of each built from
+its run plan as `fastvae train` builds it: a plain module, so that bench_train_step (speed) and bench.memory (peak
+memory, in a child process) share it without importing each other."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from fastvae.config import ModelConfig, RunPlan, TrainConfig
+from fastvae.data import load_images, to_float
+from fastvae.malloc import keep_freed_memory, return_freed_memory
+from fastvae.plan import make_plan
+from fastvae.step import build_step
+
+# `fastvae train` on the CPU makes glibc keep freed memory (fastvae/malloc.py), which speeds up the lab's code too:
+# the "system-malloc" / "cached-malloc" rows separate that gain from the model's own. The reference row comes first,
+# with glibc's defaults, as the lab's code runs in a plain process.
+PATHS: dict[str, dict[str, Any]] = {  # name: `fastvae train` options
+    "reference-eager": {"model": "reference", "cpu_allocator": "system"},
+    "reference-eager-cached-malloc": {"model": "reference"},
+    "fastvae-eager-system-malloc": {"cpu_allocator": "system"},
+    "fastvae-eager": {},
+    "fastvae-amp": {"amp": True},
+    "fastvae-compile": {"compile": True},
+    "fastvae-compile-amp": {"compile": True, "amp": True},
+}
+
+
+def path_plan(path: str, device: torch.device) -> RunPlan:
+    return make_plan(TrainConfig(device=device.type, **PATHS[path]))
+
+
+@contextlib.contextmanager
+def cpu_allocator(path: str, device: torch.device) -> Iterator[None]:
+    """The glibc malloc setting `path`'s plan trains with, for the duration of the block."""
+    if path_plan(path, device).cpu_allocator != "cached":
+        yield
+        return
+    keep_freed_memory()
+    try:
+        yield
+    finally:
+        return_freed_memory()
+
+
+def make_step(path: str, batch_size: int, device: torch.device) -> Callable[[], float]:
+    """One training step of `path` on a fixed batch of real images, built from its plan as `fastvae train` builds
+    it; returns the loss as a float, so a timed call waits for the device."""
+    step = build_step(path_plan(path, device), ModelConfig(), lr=2e-3, beta=1.0, seed=0)
+    images = to_float(load_images("fashion-mnist", "train")[:batch_size]).to(device)
+    seed_offset = torch.tensor([0, 0], device=device)  # eps is drawn in the step, from this pair
+    return lambda: float(step(images, seed_offset))
