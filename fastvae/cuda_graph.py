@@ -36,6 +36,7 @@ class GraphedStep:
             with torch.cuda.stream(side):
                 loss = self.train_step(images, seed_offset)
             torch.cuda.current_stream().wait_stream(side)
+            loss.record_stream(torch.cuda.current_stream())  # made on the side stream, read on this one
             return loss
         if self.graph is None:
             self.images, self.seed_offset = images.clone(), seed_offset.clone()
