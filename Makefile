@@ -3,8 +3,12 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+# The other-language clients (examples/) and the browser their tests drive.
+NODE_CLIENT := examples/node/node_modules/.package-lock.json
+WEB_PAGE := examples/web/node_modules/.package-lock.json
+CHROMIUM := /usr/bin/chromium
 
-.PHONY: install data demo test lint quality bench gpu-check gpu-wheels
+.PHONY: install data examples demo test lint quality bench gpu-check gpu-wheels
 
 install: $(BIN)/fastvae
 
@@ -21,11 +25,25 @@ $(FASHION_MNIST):
 	@if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	$$SUDO apt-get update -q && $$SUDO apt-get install -y -q dataset-fashion-mnist
 
+# onnxruntime-node's postinstall fetches CUDA binaries from outside the registry: skipped, its bundled CPU
+# binaries run the exports. Chromium for the browser page's test comes from Debian.
+examples: $(NODE_CLIENT) $(WEB_PAGE) $(CHROMIUM)
+
+$(NODE_CLIENT): examples/node/package-lock.json
+	cd examples/node && ONNXRUNTIME_NODE_INSTALL=skip npm ci --no-audit --no-fund --loglevel=error
+
+$(WEB_PAGE): examples/web/package-lock.json
+	npm ci --prefix examples/web --no-audit --no-fund --loglevel=error
+
+$(CHROMIUM):
+	@if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	$$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium
+
 # A new folder per run, so a second `make demo` never meets the first one's checkpoint.
 demo: install data
 	$(BIN)/fastvae train --epochs 2 --out runs/demo-$$(date +%Y%m%d-%H%M%S)
 
-test: install data
+test: install data examples
 	$(BIN)/python -m pytest -q tests bench
 
 lint: install

@@ -30,6 +30,11 @@ def _output_size(in_pixels: list[Pixel], stride: int, kernel: int) -> int:
     return max(row for row, _ in in_pixels) * stride + kernel
 
 
+def _matrices(weight: torch.Tensor, taps: list[Pixel]) -> nn.ParameterList:
+    """The (Cin, Cout) matrix of each kernel tap (row, column) of a (Cin, Cout, k, k) weight, as constants."""
+    return nn.ParameterList([nn.Parameter(weight[:, :, i, j].clone(), requires_grad=False) for i, j in taps])
+
+
 class _StrideOneConvAsWinograd(nn.Module):
     """ConvTranspose2d (stride 1) + folded BatchNorm + ReLU on pixel-major activations (P_in * B, Cin), pixels in
     row-major order, by Toom-Cook (Winograd) minimal filtering; returns [(P_out * B, Cout)], row-major.
@@ -71,10 +76,16 @@ class _TransposedConvAsMatmuls(nn.Module):
     come in the order `in_pixels`; returns one (P * B, Cout) tensor per output phase, their pixels in the
     order `self.out_pixels` (the phases' pixels one after the other).
 
-    1. per kernel tap t, one GEMM over every pixel of the batch: cols[t, (pixel, b), :] = x[(pixel, b), :] @ W[:, :, t]
+    1. per kernel tap t, one GEMM over every pixel of the batch: cols[t, (pixel, b), :] = x[(pixel, b), :] @ W[:, :, t],
+       the taps' products stacked tap-major by a Concat
     2. the overlap-add (col2im) as a second GEMM with a constant 0/1 matrix S (`overlap`): out = S @ cols,
        S[o, (t, p)] = 1 where input pixel p through tap t lands on output pixel o; + bias, ReLU (onnxruntime fuses
        both into the Gemm).
+
+    Every product is 2-D by 2-D. One MatMul of x (P_in * B, Cin) with the stacked (T, Cin, Cout) taps would
+    broadcast x over the taps, which OpenVINO's CPU plugin cannot do when the batch is dynamic (see
+    DecoderAsMatmuls). The Concat costs 3% of the decoder's kernel time in onnxruntime's profile at batch 64
+    (2-core AMD EPYC), too little to show on the wall clock.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, stride: int, in_pixels: list[Pixel]) -> None:
@@ -83,7 +94,7 @@ class _TransposedConvAsMatmuls(nn.Module):
         size_out = _output_size(in_pixels, stride, kernel)
         where = {pixel: i for i, pixel in enumerate(in_pixels)}
         self.cout, self.out_pixels = cout, []
-        self.weights = nn.ParameterList()
+        self.weights = nn.ModuleList()  # per phase, its taps' (Cin, Cout) matrices
         # By output phase (o mod stride): only the taps of one phase meet its pixels, which keeps S 3.8x smaller
         # for the stride-2 layers.
         for row_phase in range(stride):
@@ -94,7 +105,7 @@ class _TransposedConvAsMatmuls(nn.Module):
                     # One tap reaching every pixel of its phase once: nothing overlaps, so the phase is one
                     # Gemm with bias and ReLU, its pixels in the input's order.
                     (ti, tj), = taps
-                    self.weights.append(nn.Parameter(weight[:, :, ti, tj].clone(), requires_grad=False))
+                    self.weights.append(_matrices(weight, taps))
                     self.out_pixels += [(pi * stride + ti, pj * stride + tj) for pi, pj in in_pixels]
                     continue
                 row_of = {pixel: i for i, pixel in enumerate(outs)}
@@ -103,9 +114,8 @@ class _TransposedConvAsMatmuls(nn.Module):
                 for t, (ti, tj) in enumerate(taps):
                     for (pi, pj), p in where.items():
                         overlap[row_of[pi * stride + ti, pj * stride + tj], t * len(in_pixels) + p] = True
-                tap_weights = torch.stack([weight[:, :, ti, tj] for ti, tj in taps])  # (T, Cin, Cout)
                 self.register_buffer(f"overlap{len(self.weights)}", overlap)
-                self.weights.append(nn.Parameter(tap_weights, requires_grad=False))
+                self.weights.append(_matrices(weight, taps))
                 self.out_pixels += outs
         self.bias = nn.Parameter(bias.clone(), requires_grad=False)
 
@@ -113,12 +123,14 @@ class _TransposedConvAsMatmuls(nn.Module):
         # The bias as a Gemm row: (1, B * Cout), each image's Cout biases side by side.
         bias = self.bias.expand(batch, self.cout).reshape(1, -1)
         phases = []
-        for phase, weight in enumerate(self.weights):
-            if weight.dim() == 2:
-                phases.append(torch.relu(torch.addmm(self.bias, x, weight)))
+        for phase, taps in enumerate(self.weights):
+            overlap = getattr(self, f"overlap{phase}", None)
+            if overlap is None:  # the phase with one tap and no overlap
+                phases.append(torch.relu(torch.addmm(self.bias, x, taps[0])))
                 continue
-            overlap = getattr(self, f"overlap{phase}").to(x.dtype)
-            cols = torch.matmul(x, weight)  # (T, P_in * B, Cout): T GEMMs sharing x
+            products = [torch.mm(x, tap) for tap in taps]
+            cols = torch.cat(products) if len(products) > 1 else products[0]  # (T * P_in * B, Cout), tap-major
+            overlap = overlap.to(x.dtype)
             phase_out = torch.relu(torch.addmm(bias, overlap, cols.reshape(overlap.shape[1], -1)))
             phases.append(phase_out.reshape(-1, self.cout))
         return phases  # each (P * B, Cout)
@@ -203,6 +215,10 @@ class DecoderAsMatmuls(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         batch = z.shape[0]
+        # z is expanded to (P, B, Z) rather than broadcast by the MatMul: OpenVINO's CPU plugin (2026.4.1) cannot
+        # broadcast a dynamic-batch input over a constant's leading axis (rank 2 against rank 3: "Can't create
+        # dummy inputs if argument shapes ranks are not equal"). The copy, P * B * Z floats, is an eighth of x.
+        z = z.expand(len(self.first_weight), -1, -1)
         x = torch.relu(torch.matmul(z, self.first_weight) + self.first_bias)  # (P, B, C1)
         x = x.reshape(-1, x.shape[-1])  # (P * B, C1)
         phases = [x]

@@ -23,7 +23,9 @@ from fastvae.export.opset import check_opset
 from fastvae.export.verify import TOLERANCE, random_inputs, verify_onnx
 from fastvae.files import atomic_write, check_output_file
 from fastvae.model import VAE
-from fastvae.runtime import INPUTS, META_IMAGE_SHAPE, META_PART, META_Z_DIM, OUTPUTS
+from fastvae.run_folder import RECORD, load_record
+from fastvae.runtime import INPUTS, META_DATA, META_IMAGE_SHAPE, META_PART, META_Z_DIM, OUTPUTS
+from fastvae.splits import DATA_OPTIONS
 
 # The example batch is 2, not 1: torch.export specializes dimensions of size 0 and 1 to constants.
 _EXAMPLE_BATCH = 2
@@ -156,6 +158,15 @@ def check_finite_weights(model: nn.Module, checkpoint: str | Path) -> None:
                                "exported (train again or use an earlier run)")
 
 
+def _data_metadata(checkpoint: Path) -> dict[str, str]:
+    """The exported run's data options (fastvae.splits.DATA_OPTIONS), for `fastvae reconstruct` to find its test
+    split; nothing for a bare weights file."""
+    if not (checkpoint / RECORD).is_file():
+        return {}
+    saved = load_record(checkpoint)["train_config"]
+    return {META_DATA: json.dumps({k: saved[k] for k in DATA_OPTIONS})}
+
+
 def export_onnx(out: str | Path, checkpoint: str | Path, part: str = "decoder", *, opset: int | None = None,
                 fp16: bool = False, decoder_graph: str = "matmul", verify: bool = True,
                 log: Callable[[str], None] = print) -> float | None:
@@ -180,6 +191,7 @@ def export_onnx(out: str | Path, checkpoint: str | Path, part: str = "decoder", 
         "fastvae.version": fastvae.__version__,
         "fastvae.checkpoint": str(Path(checkpoint).resolve()),
         "fastvae.epoch": str(epoch),
+        **_data_metadata(Path(checkpoint)),
     })
     error = None
     if verify:

@@ -71,8 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train the VAE; writes weights, metrics and image grids to --out")
     # Defaults are None here and filled from the dataclasses (or the checkpoint on --resume).
-    train.add_argument("--data", choices=DATASETS, help="dataset (default fashion-mnist)")
-    train.add_argument("--data-dir", help="folder with the IDX files (default: the Debian package's folder)")
+    train.add_argument("--data", help=f"a dataset ({' or '.join(DATASETS)}; default fashion-mnist), or your own "
+                       "images: a folder of PNG/JPEG/BMP/WebP files or a .npy/.npz array")
+    train.add_argument("--data-dir", help="folder with a dataset's IDX files (default: the Debian package's folder)")
+    train.add_argument("--channels", type=int, choices=(1, 3),
+                       help="1 (grayscale) or 3 (colour); images are converted (default: the source's own)")
+    train.add_argument("--test-fraction", type=float,
+                       help="your own images: the share held out for testing, drawn by --seed (default 0.1)")
+    train.add_argument("--test-data", help="your own images: a folder or array of test images instead")
+    train.add_argument("--skip-bad", action="store_true", default=None,
+                       help="your own images: skip unreadable files (and count them) instead of stopping")
     train.add_argument("--epochs", type=int, help="total epochs of the run, counting resumed ones (default 10)")
     train.add_argument("--batch-size", type=int,
                        help="images per step, in all of torchrun's processes together (default 1024)")
@@ -107,8 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="test-set negative ELBO and importance-weighted bound of a checkpoint")
     ev.add_argument("checkpoint", help="a run folder (or its model.safetensors)")
-    ev.add_argument("--data", choices=DATASETS, default="fashion-mnist")
-    ev.add_argument("--data-dir")
+    ev.add_argument("--data", help="a dataset or your own images (default: the run's own test split)")
+    ev.add_argument("--data-dir", help="folder with a dataset's IDX files")
     ev.add_argument("--k", type=_positive_int, default=1000, help="importance samples (default 1000)")
     ev.add_argument("--limit", type=_positive_int, help="evaluate the first N test images only")
     ev.add_argument("--seed", type=int, default=0)
@@ -140,13 +148,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     rc = sub.add_parser("reconstruct", help="reconstruct test images with an exported VAE; writes a PNG grid")
     rc.add_argument("model", help="an ONNX file from `fastvae export --part vae`")
-    rc.add_argument("--data", choices=DATASETS, default="fashion-mnist")
-    rc.add_argument("--data-dir")
+    rc.add_argument("--data", help="a dataset or your own images (default: the test split of the run the file "
+                                   "was exported from, else fashion-mnist)")
+    rc.add_argument("--data-dir", help="folder with a dataset's IDX files")
     rc.add_argument("--n", type=_positive_int, default=16,
                     help=f"first N test images (default 16, at most {MAX_GRID_IMAGES // 2})")
     rc.add_argument("--out", default="recon.png", help="PNG to write: originals above reconstructions")
     rc.add_argument("--seed", type=int, help="seed of the posterior noise eps (default: fresh randomness)")
     rc.add_argument("--device", choices=DEVICES, default="auto")
+
+    sw = sub.add_parser("serve-web", help="serve the browser demo (examples/web) with an exported decoder")
+    sw.add_argument("model", help="an ONNX file from `fastvae export --part decoder`, served as /model.onnx")
+    sw.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0: any free port)")
+    sw.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     return parser
 
 
@@ -171,24 +185,28 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from fastvae.checkpoint import load_model
     from fastvae.config import TrainConfig
-    from fastvae.data import load_images
     from fastvae.evaluate import importance_weighted_bound, negative_elbo
     from fastvae.plan import make_plan
-    from fastvae.train import generator
+    from fastvae.run_folder import RECORD, load_record
+    from fastvae.seeds import generator
+    from fastvae.splits import load_splits, split_config
 
     plan = make_plan(TrainConfig(device=args.device))
     device = plan.torch_device
     model, epoch = load_model(args.checkpoint, plan)
     model.to(device)
     config = model.config
-    images = load_images(args.data, "test", args.data_dir)
+    run = Path(args.checkpoint)
+    saved = load_record(run)["train_config"] if (run / RECORD).is_file() else None
+    data = split_config(saved, args.data, args.data_dir)  # the run's own test split unless --data says otherwise
+    images = load_splits(data, config.im_chan, progress=False).test
     if images.shape[1:] != (config.im_chan, config.image_size, config.image_size):
-        raise FastVAEError(f"{args.data} images are {tuple(images.shape[1:])}; the checkpoint expects "
+        raise FastVAEError(f"{data.data} images are {tuple(images.shape[1:])}; the checkpoint expects "
                            f"{(config.im_chan, config.image_size, config.image_size)}")
     images = images[: args.limit].to(device)
     elbo = negative_elbo(model, images, generator(args.seed, 0, device=device))
     iwae = importance_weighted_bound(model, images, args.k, generator(args.seed, 1, device=device))
-    print(f"{args.checkpoint} (epoch {epoch}, z_dim {config.z_dim}) on {len(images)} {args.data} test images:")
+    print(f"{args.checkpoint} (epoch {epoch}, z_dim {config.z_dim}) on {len(images)} {data.data} test images:")
     print(f"  negative ELBO:       {elbo:.2f} nats/image")
     print(f"  IWAE bound (k={args.k}): {iwae:.2f} nats/image")
     return 0
@@ -247,12 +265,14 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _reconstruct(args: argparse.Namespace) -> int:
+    import json
+
     import numpy as np
 
     from fastvae.bulk import MAX_GRID_IMAGES
-    from fastvae.data import load_images
     from fastvae.files import check_output_file
-    from fastvae.runtime import OnnxVAE
+    from fastvae.runtime import META_DATA, OnnxVAE
+    from fastvae.splits import load_splits, split_config
 
     if 2 * args.n > MAX_GRID_IMAGES:
         raise FastVAEError(f"--n {args.n} is too many: originals and reconstructions make {2 * args.n} images, "
@@ -260,12 +280,22 @@ def _reconstruct(args: argparse.Namespace) -> int:
     check_output_file(args.out, "--out")
     try:
         vae = OnnxVAE(args.model, args.device)
-        images = load_images(args.data, "test", args.data_dir)[: args.n].numpy().astype(np.float32) / 255
+        saved = json.loads(vae.metadata[META_DATA]) if META_DATA in vae.metadata else None
+        data = split_config(saved, args.data, args.data_dir)  # the exported run's test split
+        test = load_splits(data, vae.image_shape[0], progress=False).test
+        images = test[: args.n].numpy().astype(np.float32) / 255
         recon = vae.reconstruct(images, seed=args.seed)
     except ValueError as e:
         raise FastVAEError(str(e)) from e
     _save_png(args.out, np.concatenate([images, recon]), nrow=len(images))
-    print(f"wrote {args.out}: {len(images)} {args.data} test images above their reconstructions ({vae.provider})")
+    print(f"wrote {args.out}: {len(images)} {data.data} test images above their reconstructions ({vae.provider})")
+    return 0
+
+
+def _serve_web(args: argparse.Namespace) -> int:
+    from fastvae.serve_web import serve
+
+    serve(Path(args.model), port=args.port, host=args.host)
     return 0
 
 
@@ -282,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help, --version, or an option error already printed
         return e.code if isinstance(e.code, int) else 2
     try:
-        commands = {"train": _train, "eval": _eval, "export": _export, "sample": _sample, "reconstruct": _reconstruct}
+        commands = {"train": _train, "eval": _eval, "export": _export, "sample": _sample, "reconstruct": _reconstruct,
+                    "serve-web": _serve_web}
         return commands[args.command](args)
     except FastVAEError as e:
         _print_error(f"fastvae {args.command}: error: {e}")

@@ -48,8 +48,12 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    data: str = "fashion-mnist"
+    data: str = "fashion-mnist"  # a dataset name, or a folder of images or a .npy / .npz array (fastvae.images)
     data_dir: str | None = None
+    channels: int | None = None  # 1 or 3; None: the source's own
+    test_fraction: float | None = None  # held out of a source without a test split (None: fastvae.splits' default)
+    test_data: str | None = None  # or a test source of its own
+    skip_bad: bool = False  # skip unreadable image files instead of stopping at the first
     epochs: int = 10
     batch_size: int = 1024
     lr: float = 2e-3
@@ -78,7 +82,13 @@ class TrainConfig:
             raise FastVAEError(f"--beta must be non-negative, got {self.beta}")
         if self.limit_train is not None and self.limit_train < 1:
             raise FastVAEError(f"--limit-train must be at least 1, got {self.limit_train}")
-        for option, value, choices in (("data", self.data, DATASETS), ("device", self.device, DEVICES),
+        if self.channels is not None and self.channels not in (1, 3):
+            raise FastVAEError(f"--channels must be 1 or 3, got {self.channels}")
+        if self.test_fraction is not None and not 0 < self.test_fraction < 1:
+            raise FastVAEError(f"--test-fraction must lie strictly between 0 and 1, got {self.test_fraction}")
+        if self.test_fraction is not None and self.test_data is not None:
+            raise FastVAEError("--test-fraction and --test-data both say where the test images come from: give one")
+        for option, value, choices in (("device", self.device, DEVICES),
                                        ("model", self.model, MODELS), ("layers", self.layers, LAYERS),
                                        ("kernel", self.kernel, KERNELS),
                                        ("compile-mode", self.compile_mode, COMPILE_MODES),

@@ -49,7 +49,8 @@ def importance_weighted_bound(
             n = min(samples_per_chunk, k - start)
             eps = torch.randn((n, *mean.shape), generator=generator, device=x.device)  # (n, b, Z)
             z = mean + log_sigma.exp() * eps
-            logits = model.decode(z.flatten(0, 1)).float().view(n, len(x), -1)
+            # reshape, not view: a colour decoder's output is channels_last, which (C, H, W) order cannot view
+            logits = model.decode(z.flatten(0, 1)).float().reshape(n, len(x), -1)
             log_px = -F.binary_cross_entropy_with_logits(
                 logits, target.expand_as(logits), reduction="none"
             ).sum(-1)  # (n, b)

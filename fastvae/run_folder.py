@@ -140,7 +140,8 @@ def checkpoint_dir(out_dir: str | Path, record: dict[str, Any]) -> Path:
 
 
 # Options a resumed run must keep, so that it continues the same function and random streams.
-FIXED_ON_RESUME = ("data", "batch_size", "lr", "beta", "seed", "model", "limit_train")
+FIXED_ON_RESUME = ("data", "test_fraction", "test_data", "skip_bad", "batch_size", "lr", "beta", "seed", "model",
+                   "limit_train")
 
 
 def configs_to_resume(out_dir: Path, given: dict[str, Any], z_dim: int | None) -> tuple[TrainConfig, ModelConfig]:
@@ -150,6 +151,9 @@ def configs_to_resume(out_dir: Path, given: dict[str, Any], z_dim: int | None) -
     saved, model_config = record["train_config"], ModelConfig(**record["model_config"])
     if z_dim is not None and z_dim != model_config.z_dim:
         raise FastVAEError(f"--z-dim {z_dim} disagrees with the checkpoint in {out_dir} (z_dim {model_config.z_dim})")
+    if given.get("channels") not in (None, model_config.im_chan):
+        raise FastVAEError(f"--channels {given['channels']} disagrees with the checkpoint in {out_dir} "
+                           f"({model_config.im_chan} channels): a resumed run keeps its model")
     for name in FIXED_ON_RESUME:
         if name in given and given[name] != saved[name]:
             raise FastVAEError(

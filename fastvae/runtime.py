@@ -12,23 +12,36 @@ import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
 
 from fastvae.config import DEVICES
 
+if TYPE_CHECKING:  # imported for real only when backend='openvino' is asked for
+    from fastvae.openvino_backend import OpenVINOModel
+
 # The graph contract of each part written by `fastvae export`: input and output names, in order.
 INPUTS = {"decoder": ("z",), "encoder": ("images",), "vae": ("images", "eps")}
 OUTPUTS = {"decoder": ("images",), "encoder": ("mean", "log_sigma"), "vae": ("reconstruction", "mean", "log_sigma")}
 # Keys in the ONNX file's metadata_props, written by fastvae.export.exporter.
 META_PART, META_Z_DIM, META_IMAGE_SHAPE = "fastvae.part", "fastvae.z_dim", "fastvae.image_shape"
+# The data options of the run the file was exported from (JSON), so `fastvae reconstruct` reads its test split.
+META_DATA = "fastvae.data"
 # On CPU a batch that holds a decoder and at least MIN_PIECE images per core is split into pieces of at most
 # MAX_PIECE that run at the same time, one thread each. Measured on a 2-core Xeon, default decoder graph: batch
 # 1024 took 46 ms in pieces of 64 against 54 ms whole on onnxruntime's threads, batch 128 5.7 against 6.5 ms,
 # and batch 24 1.54 against 1.45 ms. The encoder's Conv nodes use onnxruntime's threads well: pieces made it
 # slower at every batch (batch 64: 0.54 against 0.26 ms), so it runs whole.
 MIN_PIECE, MAX_PIECE = 16, 64
+# What runs the graph: onnxruntime (any device), or OpenVINO's CPU plugin (`pip install openvino`, imported only then).
+BACKENDS = ("onnxruntime", "openvino")
+# OpenVINO runs a whole batch well on all cores up to MAX_PIECE images per core, so it splits only from there.
+# NOTE: 2-core AMD EPYC, default decoder graph, whole against in pieces (ms): batch 64 3.3 / 3.6, 96 4.7 / 5.0,
+# 128 6.5 / 5.9, 256 15.3 / 11.2. Every part is split: the encoder at batch 1024 took 6.0 ms in pieces of 64
+# against 13.7 ms whole.
+OPENVINO_MIN_PIECE = MAX_PIECE
 
 
 def physical_cores() -> int:
@@ -59,11 +72,11 @@ def gpu_present() -> bool:
     return driver.cuInit(0) == 0 and driver.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
 
 
-def batch_pieces(batch: int, workers: int) -> list[tuple[int, int]]:
+def batch_pieces(batch: int, workers: int, min_piece: int = MIN_PIECE) -> list[tuple[int, int]]:
     """(start, stop) ranges that split a batch for `workers` single-threaded runs at a time: the whole batch
-    when it has fewer than MIN_PIECE images per worker, else pieces of at most MAX_PIECE images, as many as
+    when it has fewer than `min_piece` images per worker, else pieces of at most MAX_PIECE images, as many as
     a multiple of `workers` so that no worker idles at the end."""
-    if workers < 2 or batch < MIN_PIECE * workers:
+    if workers < 2 or batch < min_piece * workers:
         return [(0, batch)]
     count = -(-max(workers, -(-batch // MAX_PIECE)) // workers) * workers
     size = -(-batch // count)
@@ -103,6 +116,20 @@ def make_session(model: str | Path | bytes, device: str = "auto", threads: int |
     return session
 
 
+def _openvino_model(path: Path, device: str, streams: int, threads: int) -> OpenVINOModel:
+    """`path` compiled by OpenVINO on the CPU (fastvae.openvino_backend.OpenVINOModel), fp32, `streams` streams."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+    if device == "cuda":
+        raise ValueError("backend 'openvino' runs on the CPU only: use device 'cpu' or 'auto'")
+    try:
+        from fastvae.openvino_backend import OpenVINOModel
+    except ImportError as e:
+        raise ValueError(f"backend 'openvino' needs OpenVINO, which is not installed: pip install openvino "
+                         f"({_one_line(e)})") from e
+    return OpenVINOModel(path, streams=streams, threads=threads, fixed_batch=MAX_PIECE)
+
+
 def _one_line(error: BaseException) -> str:
     """An exception's message on one line: onnxruntime's span several, and the CLI prints exactly one."""
     return " ".join(str(error).split())
@@ -137,23 +164,41 @@ class OnnxVAE:
 
     On a multi-core CPU, large batches through a decoder run as pieces on all cores at once, one thread each
     (see MIN_PIECE); `split_batches=False` runs every batch whole, on onnxruntime's own threads.
+
+    backend="openvino" runs the file with OpenVINO on the CPU instead (fp32), with the same methods and checks;
+    every part splits from OPENVINO_MIN_PIECE images per core, one stream per core (fastvae.openvino_backend).
     """
 
-    def __init__(self, path: str | Path, device: str = "auto", split_batches: bool = True) -> None:
+    def __init__(self, path: str | Path, device: str = "auto", split_batches: bool = True,
+                 backend: str = "onnxruntime") -> None:
         self.path = Path(path)
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         if not self.path.is_file():
             raise ValueError(f"no ONNX model at {self.path}: expected a file written by `fastvae export`")
-        self.session = make_session(self.path, device)
+        self.backend = backend
+        self._openvino = None
+        if backend == "openvino":
+            cores = physical_cores()
+            self._openvino = _openvino_model(self.path, device, cores if split_batches else 1, cores)
+        else:
+            self.session = make_session(self.path, device)
         try:  # a damaged file can hold names that are not UTF-8: UnicodeDecodeError is a ValueError
-            meta = self.session.get_modelmeta().custom_metadata_map
+            if self._openvino is not None:
+                meta = self._openvino.metadata
+            else:
+                meta = self.session.get_modelmeta().custom_metadata_map
             self.part = meta[META_PART]
             self.z_dim = int(meta[META_Z_DIM])
             self.image_shape: tuple[int, int, int] = tuple(json.loads(meta[META_IMAGE_SHAPE]))
             if self.z_dim < 1 or len(self.image_shape) != 3 or not all(type(d) is int and d > 0
                                                                         for d in self.image_shape):
                 raise ValueError(f"z_dim {self.z_dim} and image shape {self.image_shape} are not sizes")
-            inputs, outputs = ([(v.name, v.type, v.shape) for v in values]
-                               for values in (self.session.get_inputs(), self.session.get_outputs()))
+            if self._openvino is not None:
+                inputs, outputs = self._openvino.inputs, self._openvino.outputs
+            else:
+                inputs, outputs = ([(v.name, v.type, v.shape) for v in values]
+                                   for values in (self.session.get_inputs(), self.session.get_outputs()))
         except (KeyError, ValueError, TypeError) as e:
             raise ValueError(f"{self.path} is an ONNX model but not a fastvae export (its metadata or graph: "
                              f"{_one_line(e)})") from e
@@ -167,8 +212,11 @@ class OnnxVAE:
         self._run_options = ort.RunOptions()
         self._run_options.log_severity_level = 4  # fatal only
         split = split_batches and self.provider == "CPUExecutionProvider" and self.part != "encoder"
+        if self._openvino is not None:
+            split = split_batches  # every part, see OPENVINO_MIN_PIECE
         self._workers = physical_cores() if split else 1
-        if self._workers > 1:
+        self._min_piece = OPENVINO_MIN_PIECE if self._openvino is not None else MIN_PIECE
+        if self._workers > 1 and self._openvino is None:
             self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="fastvae-onnx")
 
     def _check_graph_shapes(self, values: list[tuple[str, str, list[int | str | None]]]) -> None:
@@ -190,8 +238,8 @@ class OnnxVAE:
 
     @property
     def provider(self) -> str:
-        """The execution provider running the graph, e.g. 'CPUExecutionProvider'."""
-        return self.session.get_providers()[0]
+        """The execution provider running the graph, e.g. 'CPUExecutionProvider'; 'OpenVINO CPU' for OpenVINO."""
+        return "OpenVINO CPU" if self._openvino is not None else self.session.get_providers()[0]
 
     def _require(self, parts: tuple[str, ...], method: str) -> None:
         if self.part not in parts:
@@ -205,8 +253,10 @@ class OnnxVAE:
         buffers, so no extra host copy is made (on CUDA: one copy in, one copy out). Every input and output
         has the batch first, so a piece of the batch is a contiguous slice of each."""
         outputs = [np.empty(shape, dtype=np.float32) for shape in shapes]
-        pieces = batch_pieces(shapes[0][0], self._workers)
-        if len(pieces) == 1:
+        pieces = batch_pieces(shapes[0][0], self._workers, self._min_piece)
+        if self._openvino is not None:
+            self._openvino.run(feeds, dict(zip(OUTPUTS[self.part], outputs, strict=True)), pieces)
+        elif len(pieces) == 1:
             self._run_piece(self.session, feeds, outputs, *pieces[0])
         else:
             session = self._piece_session  # made here, once, before the threads use it

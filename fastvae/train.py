@@ -6,18 +6,17 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from fastvae import distributed
 from fastvae.checkpoint import load_into, load_optimizer_state, load_weights, save_checkpoint
 from fastvae.config import ModelConfig, RunPlan, TrainConfig
-from fastvae.data import load_images, shuffled_batches, to_float
+from fastvae.data import shuffled_batches, to_float
 from fastvae.distributed import Launch
 from fastvae.errors import FastVAEError
 from fastvae.evaluate import negative_elbo
@@ -26,12 +25,10 @@ from fastvae.malloc import keep_freed_memory
 from fastvae.model import VAE
 from fastvae.plan import make_plan
 from fastvae.run_folder import RECORD, crash_point, load_record, new_record
+from fastvae.seeds import EPS, EVAL, SAMPLES, SHUFFLE, derived_seed, generator
+from fastvae.splits import Splits, load_splits
 from fastvae.step import build_step
 
-# Purposes of the derived seeds. A random stream is seeded from (--seed, epoch, purpose), epoch 0 for the streams that
-# are the same every epoch, so an epoch's shuffle and eps draws do not depend on what ran before it: resuming at an
-# epoch boundary reproduces an uninterrupted run bit for bit.
-_SHUFFLE, _EPS, _EVAL, _SAMPLES = range(4)
 IMAGES = ("recon.png", "samples.png")
 # NOTE: a host read waits for every queued step to finish, which leaves a GPU idle for about one step's launch
 # latency; a read every 50 steps keeps that under 1% of an epoch (an estimate: not yet measured on a GPU).
@@ -49,19 +46,10 @@ def read_to_host(values: torch.Tensor) -> list[float]:
     return values.tolist()
 
 
-def derived_seed(seed: int, *keys: int) -> int:
-    """A 63-bit seed for one purpose, independent of every other (seed, keys) pair."""
-    return int(np.random.SeedSequence([seed, *keys]).generate_state(1, np.uint64)[0] >> 1)
-
-
-def generator(seed: int, *keys: int, device: torch.device | str = "cpu") -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(derived_seed(seed, *keys))
-
-
 class Trainer:
     """Owns the plan, the training step (model, compiled loss, optimizer) and the data of one run."""
 
-    def __init__(self, config: TrainConfig, model_config: ModelConfig, out_dir: Path, plan: RunPlan,
+    def __init__(self, config: TrainConfig, model_config: ModelConfig, out_dir: Path, plan: RunPlan, splits: Splits,
                  log: Callable[[str], None] = print, progress: bool = True, launch: Launch = Launch()) -> None:
         self.config, self.model_config, self.out_dir, self.plan, self.log = config, model_config, out_dir, plan, log
         self.progress, self.launch = progress, launch
@@ -70,19 +58,19 @@ class Trainer:
         log(f"plan:\n{self.plan.describe()}")
         if self.plan.cpu_allocator == "cached" and (why_not := keep_freed_memory()):
             log(f"note: --cpu-allocator cached had no effect ({why_not})")
-        train_images = load_images(config.data, "train", config.data_dir)
-        self.test_images = load_images(config.data, "test", config.data_dir).to(self.device)
+        train_images = splits.train
         if config.limit_train is not None:
             train_images = train_images[: config.limit_train]
         if config.batch_size > len(train_images):
             raise FastVAEError(
                 f"--batch-size {config.batch_size} is larger than the training set ({len(train_images)} "
-                "images): lower --batch-size or raise --limit-train"
+                "images): lower --batch-size, raise --limit-train or give more images"
             )
         shape = tuple(train_images.shape[1:])
         expected = (model_config.im_chan, model_config.image_size, model_config.image_size)
         if shape != expected:
             raise FastVAEError(f"{config.data} images are {shape}, the model expects {expected}")
+        self.test_images = splits.test.to(self.device)
         self.train_images = train_images.to(self.device)
         self.step = build_step(self.plan, model_config, lr=config.lr, beta=config.beta,
                                seed=derived_seed(config.seed))
@@ -118,7 +106,7 @@ class Trainer:
         model.train()
         steps = len(self.train_images) // config.batch_size
         reads = set(read_schedule(steps))
-        shuffle = generator(config.seed, epoch, _SHUFFLE)
+        shuffle = generator(config.seed, epoch, SHUFFLE)
         bar = tqdm(total=steps, desc=f"epoch {epoch}/{config.epochs}", unit="step",
                    disable=not self.progress, leave=False)
         launch, z_dim = self.launch, self.model_config.z_dim
@@ -127,7 +115,7 @@ class Trainer:
         # kernel, counter_normal in PyTorch): the offset grows by B * Z a step, so every step and row of the
         # epoch has its own counters, and starting at global row first_row gives each process the
         # single-process rows' eps. It grows on the device, so a step reads nothing from the host.
-        seed_offset = torch.tensor([derived_seed(config.seed, epoch, _EPS), first_row * z_dim], device=device)
+        seed_offset = torch.tensor([derived_seed(config.seed, epoch, EPS), first_row * z_dim], device=device)
         # [sum of the finite losses, first step whose loss was not finite (0: none yet)]
         tally = torch.zeros(2, dtype=torch.float64, device=device)
         start, read_step, read_time = time.perf_counter(), 0, 0.0
@@ -181,16 +169,18 @@ class Trainer:
         self.save_images()
 
     def save_images(self) -> None:
-        """recon.png (16 test images above their reconstructions) and samples.png (64 decoded z ~ N(0, I))."""
+        """recon.png (the first 16 test images above their reconstructions) and samples.png (64 decoded
+        z ~ N(0, I))."""
         model = self.fast_model().eval()
         epoch = self.record["epochs_done"]
         with torch.no_grad():
             true = to_float(self.test_images[:16])
-            recon = torch.sigmoid(model(true, torch.zeros(16, self.model_config.z_dim, device=self.device))[0])
-            save_png(self.out_dir / IMAGES[0], torch.cat([true, recon]).cpu().numpy(), nrow=16)
+            eps = torch.zeros(len(true), self.model_config.z_dim, device=self.device)  # the posterior mean
+            recon = torch.sigmoid(model(true, eps)[0])
+            save_png(self.out_dir / IMAGES[0], torch.cat([true, recon]).cpu().numpy(), nrow=len(true))
             crash_point(epoch)
             z = torch.randn((64, self.model_config.z_dim), generator=generator(
-                self.config.seed, 0, _SAMPLES, device=self.device), device=self.device)
+                self.config.seed, 0, SAMPLES, device=self.device), device=self.device)
             save_png(self.out_dir / IMAGES[1], torch.sigmoid(model.decode(z)).cpu().numpy(), nrow=8)
             crash_point(epoch)
 
@@ -206,7 +196,7 @@ class Trainer:
             metrics = self.train_epoch(epoch)
             if self.launch.main:  # rank 0 alone evaluates and writes; the others wait at the barrier below
                 metrics["test_neg_elbo"] = negative_elbo(
-                    self.fast_model(), self.test_images, generator(config.seed, 0, _EVAL, device=self.device)
+                    self.fast_model(), self.test_images, generator(config.seed, 0, EVAL, device=self.device)
                 )
             self.record["epochs"].append({"epoch": epoch, **metrics})
             self.record["epochs_done"] = epoch
@@ -241,8 +231,13 @@ def train(config: TrainConfig, model_config: ModelConfig, out: str | Path, resum
     else:
         log, progress = lambda _: None, False
     try:
+        # A resumed run's images are converted to its model's channels; a new run's model takes the data's.
+        splits = load_splits(config, model_config.im_chan if resume else None, progress)
+        log(f"data: {splits.description}")
+        if not resume and splits.train.shape[1] != model_config.im_chan:
+            model_config = replace(model_config, im_chan=splits.train.shape[1])
         with distributed.process_group(launch, plan.torch_device, config.dist_timeout):
-            trainer = Trainer(config, model_config, out_dir, plan, log, progress, launch)
+            trainer = Trainer(config, model_config, out_dir, plan, splits, log, progress, launch)
             if resume:
                 trainer.resume()
             return trainer.fit()

@@ -52,6 +52,12 @@ def world(tiny_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Worl
     return World(root, root / "data", run, parts["decoder"], parts["vae"], parts["encoder"])
 
 
+@pytest.fixture(autouse=True)
+def private_image_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decoded folders are cached outside both the world and the case folder (and the user's ~/.cache)."""
+    monkeypatch.setattr("fastvae.images.MNIST_CACHE_DIR", tmp_path_factory.mktemp("image-cache"))
+
+
 def _copy_run(world: World, case: Path) -> Path:
     shutil.copytree(world.run, case / "run")
     return case / "run"
@@ -128,6 +134,38 @@ def _misfit_weights(world: World, case: Path) -> Path:
     return folder / WEIGHTS
 
 
+def _image_folder(case: Path, good: int = 0, bad: int = 0, name: str = "photos") -> Path:
+    """A folder of `good` 28x28 PNGs and `bad` truncated ones."""
+    from PIL import Image
+
+    folder = case / name
+    folder.mkdir()
+    for i in range(good):
+        Image.fromarray(np.full((28, 28), 40 + i % 200, np.uint8)).save(folder / f"good-{i:03d}.png")
+    for i in range(bad):
+        Image.fromarray(np.full((28, 28), 9, np.uint8)).save(folder / f"bad-{i:03d}.png")
+        data = (folder / f"bad-{i:03d}.png").read_bytes()
+        (folder / f"bad-{i:03d}.png").write_bytes(data[: len(data) // 2])
+    return folder
+
+
+def _array(case: Path, array: np.ndarray, name: str = "images.npy") -> Path:
+    np.save(case / name, array)
+    return case / name
+
+
+def _own(world: World, case: Path, data: Path, *extra: str) -> list[str]:
+    return ["train", "--data", str(data), "--batch-size", "32", "--out", str(case / "new"), "--no-progress", *extra]
+
+
+def _gray_run(world: World, case: Path) -> Path:
+    """A 1-epoch run on a small grayscale folder (1 channel)."""
+    run = case / "gray-run"
+    assert main(_own(world, case, _image_folder(case, good=40), "--out", str(run), "--epochs", "1",
+                     "--z-dim", str(Z_DIM))) == 0
+    return run
+
+
 def _truncated(path: Path, case: Path) -> Path:
     return _file(case, path.name, path.read_bytes()[: path.stat().st_size // 3])
 
@@ -147,12 +185,25 @@ CASES: list[tuple[str, str, Setup, str]] = [
     ("train", "corrupt", lambda w, c: _train(w, c, "--data-dir", str(_garbage_dir(c))), "not an IDX file"),
     ("train", "corrupt", _run_json("{ not json"), "invalid JSON"),
     ("train", "wrong type", lambda w, c: _train(w, c, "--epochs", "two"), "invalid int value"),
-    ("train", "wrong type", lambda w, c: _train(w, c, "--data", "cifar"), "invalid choice"),
+    ("train", "wrong type", lambda w, c: _train(w, c, "--data", "cifar"), "not a dataset"),
     ("train", "wrong type", _run_json("[]"), "should be an object"),
     ("train", "wrong shape", _run_json("{}"), "model_config: Field required"),
     ("train", "wrong shape", _run_json(_record_with(epochs_done="1")), "epochs_done"),
     ("train", "wrong shape", _run_json(_record_with(train_config={"batch_size": [32]})), "train_config.batch_size"),
     ("train", "wrong shape", lambda w, c: _train(w, c, "--data-dir", str(_WRONG_SIZE(c))), "the model expects"),
+    ("train", "missing", lambda w, c: _own(w, c, _folder(c, "empty")), "no .png, .jpg"),
+    ("train", "unreadable", lambda w, c: _own(w, c, _image_folder(c, bad=3), "--skip-bad"), "no readable image"),
+    ("train", "corrupt", lambda w, c: _own(w, c, _image_folder(c, good=40, bad=1)), "--skip-bad"),
+    ("train", "wrong shape", lambda w, c: _own(w, c, _array(c, np.zeros((40, 28), np.uint8))), "is not images"),
+    ("train", "wrong type", lambda w, c: _own(w, c, _array(c, np.zeros((40, 28, 28), np.int64))),
+     "dtype int64 is not supported"),
+    ("train", "out of range", lambda w, c: _own(w, c, _array(c, np.full((40, 28, 28), 2.0))), "outside [0, 1]"),
+    ("train", "corrupt", lambda w, c: _own(w, c, _array(c, np.full((40, 28, 28), np.nan))), "NaN"),
+    ("train", "out of range", lambda w, c: _own(w, c, _image_folder(c, good=20)), "larger than the training set"),
+    ("train", "out of range", lambda w, c: _own(w, c, _image_folder(c, good=40), "--test-fraction", "1.5"),
+     "--test-fraction must lie strictly between 0 and 1"),
+    ("train", "conflicting", lambda w, c: ["train", "--resume", "--out", str(_gray_run(w, c)), "--epochs", "2",
+                                           "--channels", "3"], "--channels 3 disagrees"),
     ("train", "out of range", lambda w, c: _train(w, c, "--epochs", "0"), "--epochs must be at least 1"),
     ("train", "out of range", lambda w, c: _train(w, c, "--batch-size", "0"), "--batch-size must be at least 1"),
     ("train", "out of range", lambda w, c: _train(w, c, "--batch-size", "100000"), "larger than the training set"),

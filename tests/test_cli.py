@@ -108,7 +108,7 @@ def test_unknown_dataset_exits_without_traceback(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "fastvae", "train", "--data", "cifar", "--out", str(tmp_path)],
                             capture_output=True, text=True)
     assert result.returncode == 2
-    assert "invalid choice: 'cifar'" in result.stderr and "Traceback" not in result.stderr
+    assert "--data cifar: not a dataset" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_resume_with_nothing_to_do_says_so(trained_run: Path, tiny_data_dir: Path,
@@ -169,3 +169,7 @@ def test_option_errors_answer_before_torch_loads(argv: list[str], tmp_path: Path
                             cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr, result.stderr
+
+
+def test_serve_web_without_a_model_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _fails(["serve-web", str(tmp_path / "missing.onnx"), "--port", "0"], capsys, "missing.onnx")
