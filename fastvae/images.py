@@ -104,8 +104,9 @@ def _convert_channels(pixels: np.ndarray, channels: int | None) -> np.ndarray:
     return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).astype(np.uint8)[:, None]
 
 
-def _converted(pixels: np.ndarray, channels: int | None) -> np.ndarray:
-    """_convert_channels over a whole set a block at a time, so the uint32 temporaries stay small."""
+def convert_channels(pixels: np.ndarray, channels: int | None) -> np.ndarray:
+    """uint8 images (N, C, H, W) with `channels` channels (None: as they are), contiguous: _convert_channels
+    over a whole set a block at a time, so the uint32 temporaries stay small."""
     if channels is None or channels == pixels.shape[1]:
         return np.ascontiguousarray(pixels)
     out = np.empty((len(pixels), channels, *pixels.shape[2:]), np.uint8)
@@ -300,7 +301,7 @@ def _load_folder(folder: Path, channels: int | None, skip_bad: bool, cache_dir: 
     if skipped:
         notes.insert(0, f"{skipped:,} skipped")
     source_channels = pixels.shape[1]
-    images = torch.from_numpy(_converted(pixels, channels))
+    images = torch.from_numpy(convert_channels(pixels, channels))
     source = str(folder) if str(folder).endswith("/") else f"{folder}/"
     return ImageSet(images, source_channels, skipped,
                     _describe(len(images), source, source_channels, images.shape[1], notes))

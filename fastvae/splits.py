@@ -33,6 +33,16 @@ def test_fraction(config: TrainConfig) -> float | None:
     return DEFAULT_TEST_FRACTION if config.test_fraction is None else config.test_fraction
 
 
+def _dataset_split(config: TrainConfig, split: str, channels: int | None) -> torch.Tensor:
+    """One split of a dataset name, with `channels` channels (L -> RGB as for a grayscale folder)."""
+    images = load_images(config.data, split, config.data_dir)
+    if channels is None or channels == images.shape[1]:
+        return images
+    from fastvae.images import convert_channels
+
+    return torch.from_numpy(convert_channels(images.numpy(), channels))
+
+
 def load_splits(config: TrainConfig, channels: int | None = None, progress: bool = True) -> Splits:
     """The train and test images of `config`'s data. `channels` 1 or 3 converts them; None keeps the source's
     (for a dataset name, or when --channels is unset)."""
@@ -42,9 +52,7 @@ def load_splits(config: TrainConfig, channels: int | None = None, progress: bool
                               ("--skip-bad", config.skip_bad or None)):
             if value is not None:
                 raise FastVAEError(f"{option} is for your own images: {config.data} has its own test split")
-        train, test = (load_images(config.data, split, config.data_dir) for split in ("train", "test"))
-        if channels == 3:  # L -> RGB by repetition, as for a grayscale folder
-            train, test = train.expand(-1, 3, -1, -1).contiguous(), test.expand(-1, 3, -1, -1).contiguous()
+        train, test = (_dataset_split(config, split, channels) for split in ("train", "test"))
         return Splits(train, test, f"{config.data}: {len(train):,} training and {len(test):,} test images")
 
     if not Path(config.data).exists():

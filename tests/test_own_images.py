@@ -105,3 +105,10 @@ def test_resume_keeps_the_channels(colour_folder: Path, tmp_path: Path, capsys: 
     assert main(["train", "--resume", "--out", str(run), "--epochs", "2", "--channels", "1", "--no-progress"]) == 2
     assert "--channels 1 disagrees with the checkpoint" in capsys.readouterr().err
     assert main(["train", "--resume", "--out", str(run), "--epochs", "2", "--no-progress"]) == 0
+
+
+def test_a_dataset_converted_to_three_channels(tiny_data_dir: Path) -> None:
+    gray = load_splits(TrainConfig(data_dir=str(tiny_data_dir)), progress=False)
+    colour = load_splits(TrainConfig(data_dir=str(tiny_data_dir), channels=3), progress=False)
+    assert colour.train.shape == (len(gray.train), 3, 28, 28)
+    assert colour.test.equal(gray.test.expand(-1, 3, -1, -1))
