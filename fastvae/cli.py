@@ -189,7 +189,7 @@ def _eval(args: argparse.Namespace) -> int:
     from fastvae.plan import make_plan
     from fastvae.run_folder import RECORD, load_record
     from fastvae.seeds import generator
-    from fastvae.splits import load_splits, split_config
+    from fastvae.splits import load_test_images, split_config
 
     plan = make_plan(TrainConfig(device=args.device))
     device = plan.torch_device
@@ -199,7 +199,7 @@ def _eval(args: argparse.Namespace) -> int:
     run = Path(args.checkpoint)
     saved = load_record(run)["train_config"] if (run / RECORD).is_file() else None
     data = split_config(saved, args.data, args.data_dir)  # the run's own test split unless --data says otherwise
-    images = load_splits(data, config.im_chan, progress=False).test
+    images = load_test_images(data, config.im_chan)
     if images.shape[1:] != (config.im_chan, config.image_size, config.image_size):
         raise FastVAEError(f"{data.data} images are {tuple(images.shape[1:])}; the checkpoint expects "
                            f"{(config.im_chan, config.image_size, config.image_size)}")
@@ -272,7 +272,7 @@ def _reconstruct(args: argparse.Namespace) -> int:
     from fastvae.bulk import MAX_GRID_IMAGES
     from fastvae.files import check_output_file
     from fastvae.runtime import META_DATA, OnnxVAE
-    from fastvae.splits import load_splits, split_config
+    from fastvae.splits import load_test_images, split_config
 
     if 2 * args.n > MAX_GRID_IMAGES:
         raise FastVAEError(f"--n {args.n} is too many: originals and reconstructions make {2 * args.n} images, "
@@ -282,7 +282,7 @@ def _reconstruct(args: argparse.Namespace) -> int:
         vae = OnnxVAE(args.model, args.device)
         saved = json.loads(vae.metadata[META_DATA]) if META_DATA in vae.metadata else None
         data = split_config(saved, args.data, args.data_dir)  # the exported run's test split
-        test = load_splits(data, vae.image_shape[0], progress=False).test
+        test = load_test_images(data, vae.image_shape[0])
         images = test[: args.n].numpy().astype(np.float32) / 255
         recon = vae.reconstruct(images, seed=args.seed)
     except ValueError as e:

@@ -43,15 +43,28 @@ def _dataset_split(config: TrainConfig, split: str, channels: int | None) -> tor
     return torch.from_numpy(convert_channels(images.numpy(), channels))
 
 
+def _check_dataset_options(config: TrainConfig) -> None:
+    for option, value in (("--test-fraction", config.test_fraction), ("--test-data", config.test_data),
+                          ("--skip-bad", config.skip_bad or None)):
+        if value is not None:
+            raise FastVAEError(f"{option} is for your own images: {config.data} has its own test split")
+
+
+def load_test_images(config: TrainConfig, channels: int | None = None) -> torch.Tensor:
+    """The test images of `config`'s data, as `load_splits(config, channels).test`, reading only the test split
+    of a dataset name (a source of your own is split whole)."""
+    if config.data in DATASETS:
+        _check_dataset_options(config)
+        return _dataset_split(config, "test", config.channels if channels is None else channels)
+    return load_splits(config, channels, progress=False).test
+
+
 def load_splits(config: TrainConfig, channels: int | None = None, progress: bool = True) -> Splits:
     """The train and test images of `config`'s data. `channels` 1 or 3 converts them; None keeps the source's
     (for a dataset name, or when --channels is unset)."""
     channels = config.channels if channels is None else channels
     if config.data in DATASETS:
-        for option, value in (("--test-fraction", config.test_fraction), ("--test-data", config.test_data),
-                              ("--skip-bad", config.skip_bad or None)):
-            if value is not None:
-                raise FastVAEError(f"{option} is for your own images: {config.data} has its own test split")
+        _check_dataset_options(config)
         train, test = (_dataset_split(config, split, channels) for split in ("train", "test"))
         return Splits(train, test, f"{config.data}: {len(train):,} training and {len(test):,} test images")
 

@@ -14,7 +14,7 @@ from PIL import Image
 from fastvae.cli import main
 from fastvae.config import TrainConfig
 from fastvae.runtime import OnnxVAE
-from fastvae.splits import load_splits
+from fastvae.splits import load_splits, load_test_images
 
 COMMON = ["--batch-size", "16", "--epochs", "1", "--z-dim", "4", "--no-progress"]
 
@@ -112,3 +112,8 @@ def test_a_dataset_converted_to_three_channels(tiny_data_dir: Path) -> None:
     colour = load_splits(TrainConfig(data_dir=str(tiny_data_dir), channels=3), progress=False)
     assert colour.train.shape == (len(gray.train), 3, 28, 28)
     assert colour.test.equal(gray.test.expand(-1, 3, -1, -1))
+
+
+def test_the_test_images_alone_are_the_splits_test_images(colour_folder: Path, tiny_data_dir: Path) -> None:
+    for config in (TrainConfig(data_dir=str(tiny_data_dir), channels=3), TrainConfig(data=str(colour_folder))):
+        assert load_test_images(config).equal(load_splits(config, progress=False).test)
