@@ -116,6 +116,9 @@ class RunPlan:
     cuda_graph: bool  # the whole step (forward, backward, Adam) captured once and replayed as one CUDA graph
     cpu_allocator: str | None  # glibc's setting on the CPU ("cached" or "system"); None elsewhere
     sync_bn: bool
+    # Adam's implementation: "fused" (one kernel over all parameters; CUDA) or "default" (PyTorch's for the
+    # device). A record written before the choice existed ran the default.
+    optimizer: str = "default"
     reasons: dict[str, str] = field(default_factory=dict)  # choice -> why
 
     @property

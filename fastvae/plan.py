@@ -101,8 +101,16 @@ def _compile_mode(config: TrainConfig, device: torch.device, launch: Launch,
     if launch.world_size > 1:
         return inductor, False, f"{why}; whole-step CUDA graphs are single-process (torchrun: none)"
     if amp_dtype == "float16":
-        return inductor, False, f"{why}; fp16's gradient scaler checks for inf on the host: no CUDA graph"
+        return inductor, False, f"{why}; fp16: the gradient scaler has not been tested inside a CUDA graph, so none"
     return inductor, True, f"{why}: the whole step replays as one CUDA graph"
+
+
+def _optimizer(device: torch.device) -> tuple[str, str]:
+    if device.type != "cuda":
+        return "default", "PyTorch's Adam for CPU tensors"
+    # As the GPU world runs Adam (nanoGPT, gpt-fast): the fused kernel updates every parameter in one launch, and
+    # with it the fp16 gradient scaler passes its inf flag to the kernel instead of reading it on the host.
+    return "fused", "on a GPU: one fused kernel for all parameters; the fp16 scaler's inf check stays on the GPU"
 
 
 def make_plan(config: TrainConfig, launch: Launch = Launch()) -> RunPlan:
@@ -114,20 +122,22 @@ def make_plan(config: TrainConfig, launch: Launch = Launch()) -> RunPlan:
     kernel, kernel_reason = _kernel(config, device)
     amp_dtype, amp_reason = _amp_dtype(config, device)
     compile_mode, cuda_graph, compile_reason = _compile_mode(config, device, launch, amp_dtype)
+    optimizer, optimizer_reason = _optimizer(device)
     # The lab's code calls torch.distributions.kl_divergence, whose type dispatch dynamo cannot trace: it
     # compiles in pieces around it. SyncBatchNorm breaks the graph too (pytorch/pytorch#161302).
     fullgraph = config.compile and config.model == "fast" and not config.sync_bn
     allocator = config.cpu_allocator if device.type == "cpu" else None
     reasons = {
         "device": device_reason, "layers": layers_reason, "kernel": kernel_reason, "amp_dtype": amp_reason,
-        "compile_mode": compile_reason,
+        "compile_mode": compile_reason, "optimizer": optimizer_reason,
         "fullgraph": "the whole step is one graph" if fullgraph else
         "n/a" if not config.compile else "the lab's kl_divergence or SyncBatchNorm split the graph",
         "cpu_allocator": "glibc keeps freed memory for the next step" if allocator == "cached" else
         "glibc's defaults" if allocator else "not a CPU run",
     }
     return RunPlan(str(device), launch.distributed, launch.world_size, config.model, layers, kernel, amp_dtype,
-                   config.compile, compile_mode, fullgraph, cuda_graph, allocator, config.sync_bn, reasons)
+                   config.compile, compile_mode, fullgraph, cuda_graph, allocator, config.sync_bn,
+                   optimizer=optimizer, reasons=reasons)
 
 
 def cpu_plan() -> RunPlan:

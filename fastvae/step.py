@@ -78,7 +78,8 @@ def build_step(plan: RunPlan, config: ModelConfig, *, lr: float, beta: float, se
         if plan.compile:
             loss_fn = torch.compile(loss_fn, mode=plan.compile_mode, fullgraph=plan.fullgraph)
     # A captured step keeps Adam's step count on the GPU (capturable), where the graph can advance it.
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, capturable=plan.cuda_graph)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, capturable=plan.cuda_graph,
+                                 fused=True if plan.optimizer == "fused" else None)
     scaler = torch.amp.GradScaler(device.type, enabled=plan.amp_dtype == "float16")
     step = TrainingStep(model, loss_fn, optimizer, scaler)
     if plan.cuda_graph:

@@ -149,6 +149,27 @@ def test_resumes_on_any_number_of_processes(
     assert [e["epoch"] for e in record["epochs"]] == [1, 2, 3]
 
 
+@pytest.mark.slow
+@pytest.mark.cuda
+def test_one_process_on_nccl_trains_as_without_torchrun(tiny_data_dir: Path, tmp_path: Path) -> None:
+    """torchrun with one process on a GPU: NCCL's process group and DDP around the model. Its losses are the
+    plain run's (one process: DDP averages over one); not bit for bit, for cuDNN's backward convolutions may sum
+    in another order from run to run."""
+    single = [*TORCHRUN[:-1], "--nproc_per_node=1"]
+    out = {"torchrun": tmp_path / "torchrun", "plain": tmp_path / "plain"}
+    command = [*single, "-m", "fastvae", "train", "--data-dir", str(tiny_data_dir), "--out", str(out["torchrun"]),
+               *ARGS, "--device", "cuda"]
+    result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert main(["train", "--data-dir", str(tiny_data_dir), "--out", str(out["plain"]), *ARGS, "--device",
+                 "cuda"]) == 0
+    records = {name: load_record(folder) for name, folder in out.items()}
+    assert records["torchrun"]["plan"]["distributed"] and records["torchrun"]["plan"]["world_size"] == 1
+    assert records["torchrun"]["plan"]["device"] == "cuda:0"
+    for got, want in zip(records["torchrun"]["epochs"], records["plain"]["epochs"], strict=True):
+        assert got["train_loss"] == pytest.approx(want["train_loss"], rel=1e-4)
+
+
 # Rank 1's loss becomes NaN at its 7th step (epoch 2, step 3); rank 0's stays finite.
 _POISON_RANK_1 = """
 import os, sys

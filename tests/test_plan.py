@@ -26,7 +26,8 @@ def test_cpu_defaults() -> None:
     assert (plan.device, plan.layers, plan.kernel, plan.amp_dtype) == ("cpu", "matmul", "torch", None)
     assert (plan.compile_mode, plan.cuda_graph, plan.fullgraph, plan.cpu_allocator) == ("default", False, True,
                                                                                         "cached")
-    for choice in ("device", "layers", "kernel", "amp_dtype", "compile_mode", "cpu_allocator"):
+    assert plan.optimizer == "default"
+    for choice in ("device", "layers", "kernel", "amp_dtype", "compile_mode", "optimizer", "cpu_allocator"):
         assert plan.reasons[choice], choice
         assert f"{choice}: " in plan.describe()
 
@@ -34,7 +35,8 @@ def test_cpu_defaults() -> None:
 def test_gpu_defaults(gpu: None) -> None:
     plan = make_plan(TrainConfig(compile=True, amp=True))
     assert (plan.device, plan.layers, plan.kernel, plan.amp_dtype) == ("cuda", "library", "triton", "bfloat16")
-    assert (plan.compile_mode, plan.cuda_graph, plan.cpu_allocator) == ("default", True, None)
+    assert (plan.compile_mode, plan.cuda_graph, plan.cpu_allocator, plan.optimizer) == ("default", True, None,
+                                                                                          "fused")
     assert "a test GPU" in plan.reasons["device"]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import subprocess
@@ -385,4 +386,4 @@ def test_cuda_compile_traces_into_the_kernel_without_recompiling() -> None:
 def test_cuda_train_with_the_triton_kernel(tiny_data_dir: Path, tmp_path: Path) -> None:
     assert main(_train_args(tiny_data_dir, tmp_path / "run", "--device", "cuda", "--kernel", "triton")) == 0
     record = json.loads((tmp_path / "run" / "run.json").read_text())
-    assert record["kernel"] == "triton"
+    assert record["plan"]["kernel"] == "triton" and math.isfinite(record["epochs"][-1]["test_neg_elbo"])

@@ -25,7 +25,7 @@ from fastvae.model import VAE
 from fastvae.plan import cpu_plan, make_plan
 from fastvae.run_folder import new_record
 from fastvae.step import make_loss_fn
-from tests.helpers import folder_snapshot
+from tests.helpers import TOLERANCES, folder_snapshot
 
 
 def _train(data_dir: Path, out: Path, *extra: str) -> int:
@@ -235,11 +235,13 @@ def test_steps_between_reads_never_sync_the_gpu(tiny_data_dir: Path, tmp_path: P
     assert _train(tiny_data_dir, tmp_path / "run", "--epochs", "1", "--batch-size", "16", "--device", "cuda") == 0
 
 
-def test_fp16_scaler_skips_a_step_whose_gradients_overflow() -> None:
+@pytest.mark.parametrize("fused", [False, True], ids=["default-adam", "fused-adam"])
+def test_fp16_scaler_skips_a_step_whose_gradients_overflow(fused: bool) -> None:
     """fp16's gradient scaler (CUDA GPUs without bf16) skips an update whose scaled gradients are inf and halves
-    its scale; the step still reads nothing on the host. Checked with the CPU's scaler, the same class."""
+    its scale. With the GPU plan's fused Adam the scaler hands its inf flag to the kernel (no host read), and the
+    skipped step leaves Adam's step count alone. Checked with the CPU's scaler, the same class."""
     weight = torch.nn.Parameter(torch.ones(3))
-    optimizer = torch.optim.Adam([weight], lr=0.1)
+    optimizer = torch.optim.Adam([weight], lr=0.1, fused=fused or None)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
 
     def loss_fn(images: torch.Tensor, seed_offset: torch.Tensor) -> torch.Tensor:
@@ -249,7 +251,27 @@ def test_fp16_scaler_skips_a_step_whose_gradients_overflow() -> None:
     step_module.train_step(loss_fn, overflow, torch.tensor([0, 0]), optimizer, scaler)
     assert torch.equal(weight.detach(), torch.ones(3)) and scaler.get_scale() == 2.0**15
     step_module.train_step(loss_fn, torch.ones(3), torch.tensor([0, 0]), optimizer, scaler)
-    assert not torch.equal(weight.detach(), torch.ones(3))
+    assert not torch.equal(weight.detach(), torch.ones(3)) and optimizer.state[weight]["step"].item() == 1
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("bf16", [True, False], ids=["bf16", "fp16-with-scaler"])
+def test_amp_on_the_gpu_trains_as_fp32(tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       bf16: bool) -> None:
+    """--amp on a GPU: bf16 autocast where the GPU has it, else fp16 with the gradient scaler (forced here by
+    hiding bf16). The first epoch's loss is the fp32 run's within the half dtype's tolerance: both start from
+    the same weights and draw the same eps."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
+    losses = {}
+    for amp in ((), ("--amp",)):
+        out = tmp_path / ("amp" if amp else "fp32")
+        assert _train(tiny_data_dir, out, "--epochs", "1", "--device", "cuda", *amp) == 0
+        record = json.loads((out / "run.json").read_text())
+        assert record["plan"]["amp_dtype"] == (("bfloat16" if bf16 else "float16") if amp else None)
+        losses[bool(amp)] = record["epochs"][0]["train_loss"]
+        assert math.isfinite(record["epochs"][0]["test_neg_elbo"])
+    dtype = torch.bfloat16 if bf16 else torch.float16
+    assert losses[True] == pytest.approx(losses[False], rel=TOLERANCES[dtype])
 
 
 @pytest.mark.cuda
