@@ -62,12 +62,9 @@ bench: install data
 	$(BIN)/python -m pytest bench --benchmark-enable --benchmark-json results/bench.json
 	$(BIN)/python -m bench.report results/bench.json --png results/bench.png | tee results/bench.md
 
-# The GPU check (docs/gpu.md), for a CUDA machine with torch and Triton preinstalled and no package registry:
-# fastvae installs without its dependencies, pydantic comes from the wheels in .whl/ (`make gpu-wheels`, here),
-# Fashion-MNIST's four IDX .gz files from the folder $$FASTVAE_DATA_DIR. `make gpu-check DEVICE=cpu` runs its
-# CPU mode in this project's venv.
+# The GPU check (docs/gpu.md): bench/gpu_check.sh, for a CUDA machine with torch and Triton preinstalled and no
+# package registry. `make gpu-check DEVICE=cpu` runs its CPU mode in this project's venv.
 DEVICE ?= cuda
-GPU_SITE := /tmp/fastvae-site
 ifeq ($(DEVICE),cpu)
 GPU_CHECK_PYTHON := $(BIN)/python
 GPU_CHECK_DEPS := install data
@@ -77,10 +74,7 @@ GPU_CHECK_DEPS :=
 endif
 
 gpu-check: $(GPU_CHECK_DEPS)
-	@if ! $(GPU_CHECK_PYTHON) -c "import pydantic" 2>/dev/null; then \
-		$(GPU_CHECK_PYTHON) -m pip install -q --no-index --no-deps --no-compile --target $(GPU_SITE) .whl/*.whl; fi
-	$(GPU_CHECK_PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
-	PYTHONPATH=$(GPU_SITE) PYTHONUNBUFFERED=1 $(GPU_CHECK_PYTHON) -m bench.gpu_check --device $(DEVICE)
+	GPU_CHECK_PYTHON=$(GPU_CHECK_PYTHON) DEVICE=$(DEVICE) bash bench/gpu_check.sh
 
 # What the GPU machine lacks, as wheels for its Python 3.12 on x86_64 (pydantic and what it needs).
 gpu-wheels:

@@ -9,7 +9,7 @@ import torch
 
 from bench.memory import measure_in_child
 from bench.throughput import record_throughput
-from bench.train_paths import PATHS, cpu_allocator, make_step, path_plan
+from bench.train_paths import PATHS, make_step, path_plan, run_conditions
 from fastvae.data import FASHION_MNIST_DIR
 from fastvae.flops import train_step_flops
 
@@ -28,7 +28,7 @@ def _needs_fashion_mnist() -> None:
 @pytest.mark.parametrize("path", [p if p == SMOKE_PATH else pytest.param(p, marks=pytest.mark.slow) for p in PATHS])
 def test_train_step(benchmark, path: str, matmul_gflops: float, machine: dict) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    with cpu_allocator(path, device):
+    with run_conditions(path_plan(path, device)):
         step = make_step(path, BATCH, device)
         start = time.perf_counter()
         step()  # the first step compiles: timed on its own

@@ -8,10 +8,13 @@ import json
 import math
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -19,9 +22,11 @@ from typing import Any
 
 import torch
 
+from bench.train_paths import distribution_argument_checks, run_conditions
 from fastvae.config import ModelConfig, TrainConfig
 from fastvae.cuda_graph import WARMUP_STEPS
 from fastvae.data import FASHION_MNIST_DIR, load_images, to_float
+from fastvae.files import atomic_write
 from fastvae.flops import forward_flops, train_step_flops
 from fastvae.kernels import reparameterize_kl_sampled, reparameterize_kl_sampled_compiled
 from fastvae.model import VAE
@@ -79,6 +84,7 @@ DECODER = "decoder inference"
 
 @dataclass
 class Report:
+    out: Path
     started: float = field(default_factory=time.monotonic)
     budget_s: float = BUDGET_S
     facts: dict[str, Any] = field(default_factory=dict)
@@ -89,7 +95,8 @@ class Report:
         return self.budget_s - (time.monotonic() - self.started)
 
     def run(self, name: str, need_s: float, section: Callable[[], Any]) -> None:
-        """Run `section` if `need_s` seconds are left, record its result, or a note saying why not."""
+        """Run `section` if `need_s` seconds are left, record its result, or a note saying why not; then save the
+        report so far, so that a crash or a killed machine still leaves it."""
         if self.left_s() < need_s:
             self.skipped.append(f"{name}: skipped, {self.left_s():.0f} s left of the budget and it needs ~{need_s:.0f}")
             return
@@ -97,8 +104,18 @@ class Report:
         try:
             self.sections[name] = {"result": section(), "seconds": round(time.monotonic() - start, 1)}
         except Exception as e:  # a broken section is a finding of the check, not the end of it
-            self.sections[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+            traceback.print_exc()  # whole, into the log
+            frames = traceback.extract_tb(e.__traceback__)[-3:]
+            self.sections[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                                   "at": [f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in frames]}
         print(f"{name}: {json.dumps(self.sections[name])[:300]}", flush=True)
+        self.save()
+
+    def save(self) -> None:
+        self.facts["seconds"] = round(time.monotonic() - self.started, 1)
+        everything = json.dumps({"facts": self.facts, "sections": self.sections, "skipped": self.skipped}, indent=1)
+        atomic_write(self.out / "results.json", lambda f: f.write(everything.encode()))
+        atomic_write(self.out / "results.md", lambda f: f.write(markdown(self).encode()))
 
 
 def _median_ms(fn: Callable[[], Any], device: torch.device, sizes: Sizes, warmup: int = 2) -> float:
@@ -153,17 +170,29 @@ def environment(device: torch.device) -> dict[str, Any]:
     return facts
 
 
+# The CUDA tests' files in the order they run, so that a cut-short run has run what the GPU path stands on: the
+# whole-step graph, the steps without host syncs and AMP first, then the kernels, parity, torchrun, the rest.
+CUDA_TEST_ORDER = ("tests/test_train.py", "tests/test_reparameterize_kl.py", "tests/test_model.py",
+                   "tests/test_distributed.py")
+
+
 def cuda_tests(device: torch.device, root: Path, timeout_s: float) -> dict[str, Any]:
     if device.type != "cuda":
         return {"note": "skipped: needs a CUDA GPU"}
-    command = [sys.executable, "-m", "pytest", "-m", "cuda", "-v", "-rfEs", "-p", "no:cacheprovider", "tests"]
+    rest = sorted(p.relative_to(root).as_posix() for p in (root / "tests").glob("test_*.py"))
+    files = [*CUDA_TEST_ORDER, *(f for f in rest if f not in CUDA_TEST_ORDER)]
+    command = [sys.executable, "-m", "pytest", "-m", "cuda", "-v", "-rfEs", "-p", "no:cacheprovider", *files]
+    # In a session of its own, so that a timeout ends the tests' own children (torchrun) with them.
+    process = subprocess.Popen(command, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
     try:
-        result = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired as e:  # what ran so far still says which tests passed
-        output = e.stdout.decode() if isinstance(e.stdout, bytes) else e.stdout or ""
+        output, _ = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:  # what ran so far still says which tests passed
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
         return {"exit_code": None, "summary": f"timed out after {timeout_s:.0f} s", "tail": _lines(output, 40)}
-    lines = _lines(result.stdout, 60)
-    return {"exit_code": result.returncode, "summary": lines[-1] if lines else "", "tail": lines}
+    lines = _lines(output, 60)
+    return {"exit_code": process.returncode, "summary": lines[-1] if lines else "", "tail": lines}
 
 
 def _lines(text: str, last: int) -> list[str]:
@@ -174,19 +203,24 @@ def _lines(text: str, last: int) -> list[str]:
     return [f"{passed} tests PASSED", *kept[-last:]]
 
 
-def quality_run(device: torch.device, data_dir: Path | None, out: Path, quick: bool) -> dict[str, Any]:
+def quality_run(device: torch.device, data_dir: Path | None, quick: bool) -> dict[str, Any]:
     """`fastvae train --compile --amp` for QUALITY_EPOCHS epochs on the GPU: its steady speed, its first step (the
-    compile) apart, and its test -ELBO against the CPU reference's. One short fp32 epoch on the CPU."""
+    compile) apart, and its test -ELBO against the CPU reference's. One short fp32 epoch on the CPU.
+
+    The run folder is temporary (its record is in the report): what comes back from a lent machine is a few
+    files, and the report's must not be crowded out.
+    """
     from fastvae.cli import main
 
-    run = out / "run"
     epochs = 1 if quick else QUALITY_EPOCHS
-    argv = ["train", "--epochs", str(epochs), "--no-progress", "--out", str(run), "--device", device.type]
-    argv += ["--data-dir", str(data_dir)] if data_dir else []
-    argv += ["--batch-size", "32", "--limit-train", "64"] if quick else ["--compile", "--amp"]
-    start = time.monotonic()
-    code = main(argv)
-    record = json.loads((run / "run.json").read_text()) if code == 0 else {}
+    with tempfile.TemporaryDirectory(prefix="fastvae-gpu-check-") as folder:
+        run = Path(folder) / "run"
+        argv = ["train", "--epochs", str(epochs), "--no-progress", "--out", str(run), "--device", device.type]
+        argv += ["--data-dir", str(data_dir)] if data_dir else []
+        argv += ["--batch-size", "32", "--limit-train", "64"] if quick else ["--compile", "--amp"]
+        start = time.monotonic()
+        code = main(argv)
+        record = json.loads((run / "run.json").read_text()) if code == 0 else {}
     history = record.get("epochs", [])
     result = {"exit_code": code, "wall_s": round(time.monotonic() - start, 1), "plan": record.get("plan"),
               "epochs": [{k: round(v, 4) if isinstance(v, float) else v for k, v in e.items()} for e in history]}
@@ -213,14 +247,17 @@ def train_steps(device: torch.device, data_dir: Path | None, sizes: Sizes) -> di
                 results[f"{name}{'-amp' if amp else ''}"] = {"note": "skipped: compiles only on the GPU check"}
                 continue
             plan = make_plan(TrainConfig(device=device.type, amp=amp, **options))
-            step = build_step(plan, ModelConfig(), lr=2e-3, beta=1.0, seed=0)
-            start = time.perf_counter()
-            step(images, seed_offset)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            first_s = time.perf_counter() - start
-            # Past a graphed step's uncaptured warmup and its capture: every timed call is a replay.
-            ms = _median_ms(lambda step=step: step(images, seed_offset), device, sizes, warmup=WARMUP_STEPS + 1)
+            torch._dynamo.reset()  # each path compiles as in a fresh `fastvae train` (inductor's disk cache stays)
+            with run_conditions(plan):
+                step = build_step(plan, ModelConfig(), lr=2e-3, beta=1.0, seed=0, batch_size=sizes.train_batch)
+                start = time.perf_counter()
+                step(images, seed_offset)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                first_s = time.perf_counter() - start
+                # Past a graphed step's uncaptured warmup and its capture: every timed call is a replay.
+                ms = _median_ms(lambda step=step: step(images, seed_offset), device, sizes,
+                                warmup=WARMUP_STEPS + 1)
             results[f"{name}{'-amp' if amp else ''}"] = {
                 "ms": round(ms, 3), "images_per_s": round(sizes.train_batch / ms * 1e3),
                 "gflops": round(train_step_flops() * sizes.train_batch / ms / 1e6, 1),
@@ -266,11 +303,12 @@ def _reparameterize_row(device: torch.device, elements: int, sizes: Sizes,
             # The op's outputs' gradients given, so nothing but the op's own forward and backward runs.
             torch.autograd.grad(forward(), (mean, log_sigma), (dz, dkl))
 
-        ms = _median_ms(full, device, sizes)
+        with distribution_argument_checks():  # the lab's code as it runs
+            ms = _median_ms(full, device, sizes)
         row[name] = {"ms": round(ms, 4), "gb_s": round(moved / ms / 1e6, 1)}
         if bandwidth_gb_s:
             row[name]["of_bandwidth"] = round(moved / ms / 1e6 / bandwidth_gb_s, 3)
-        if device.type == "cuda":
+        if device.type == "cuda" and elements == sizes.reparameterize_elements[-1]:
             row[name]["kernels"] = len(_kernel_times(full, 1))
     return row
 
@@ -296,6 +334,7 @@ def _lab_reparameterize(mean: torch.Tensor, log_sigma: torch.Tensor, normal: typ
 def decoder_inference(device: torch.device, sizes: Sizes) -> dict[str, Any]:
     config = ModelConfig()
     plan = make_plan(TrainConfig(device=device.type))
+    torch._dynamo.reset()
     fast = VAE(config, plan.layers, plan.kernel).to(device).eval()
     lab = ReferenceVAE(config).to(device).eval()
     fast.load_state_dict(lab.state_dict())
@@ -335,7 +374,8 @@ def step_profile(device: torch.device, data_dir: Path | None, sizes: Sizes) -> d
     result = {}
     for mode in ("default", "reduce-overhead"):
         plan = make_plan(TrainConfig(device="cuda", amp=True, compile=True, compile_mode=mode))
-        step = build_step(plan, ModelConfig(), lr=2e-3, beta=1.0, seed=0)
+        torch._dynamo.reset()
+        step = build_step(plan, ModelConfig(), lr=2e-3, beta=1.0, seed=0, batch_size=sizes.train_batch)
         for _ in range(WARMUP_STEPS + 2):  # compiled, and past the capture
             step(images, seed_offset)
         torch.cuda.synchronize()
@@ -428,23 +468,20 @@ def main(argv: list[str] | None = None) -> int:
     sizes = CPU_SIZES if quick else GPU_SIZES
     out, data_dir = Path(args.out), Path(args.data_dir) if args.data_dir else None
     out.mkdir(parents=True, exist_ok=True)
-    report = Report(budget_s=args.budget_s)
+    report = Report(out, budget_s=args.budget_s)
     report.facts = environment(device)
     report.facts["onnxruntime CUDA provider"] = "not tested: onnxruntime-gpu is not installed on this machine" \
         if "CUDAExecutionProvider" not in _onnxruntime_providers() else "available"
     root = Path(__file__).resolve().parents[1]
     # The CUDA tests may take at most what leaves the measurements ~3.5 minutes of the budget.
     report.run(CUDA_TESTS, 30, lambda: cuda_tests(device, root, max(30.0, report.left_s() - 210)))
-    report.run(QUALITY_RUN, 45, lambda: quality_run(device, data_dir, out, quick))
+    report.run(QUALITY_RUN, 45, lambda: quality_run(device, data_dir, quick))
     report.run(TRAIN_STEP, 60, lambda: train_steps(device, data_dir, sizes))
     report.run(REPARAMETERIZE, 15, lambda: reparameterize_kl_op(device, sizes, report.facts.get("copy_gb_s")))
     report.run(PROFILE, 20, lambda: step_profile(device, data_dir, sizes))
     report.run(DECODER, 30, lambda: decoder_inference(device, sizes))
     report.sections["targets"] = {"result": targets(report, on_gpu=not quick)}
-    report.facts["seconds"] = round(time.monotonic() - report.started, 1)
-    (out / "results.json").write_text(json.dumps({"facts": report.facts, "sections": report.sections,
-                                                  "skipped": report.skipped}, indent=1))
-    (out / "results.md").write_text(markdown(report))
+    report.save()
     print(markdown(report))
     failed = [name for name, section in report.sections.items() if "error" in section]
     return 1 if failed else 0

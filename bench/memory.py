@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from bench.train_paths import cpu_allocator, make_step
+from bench.train_paths import make_step, path_plan, run_conditions
 from fastvae.malloc import trim
 
 STEPS = 3
@@ -27,7 +27,7 @@ def _rss_bytes() -> int:
 def measure(path: str, batch_size: int) -> dict[str, float]:
     """Run STEPS training steps of `path` (a key of bench.train_paths.PATHS) in this process."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    with cpu_allocator(path, device):
+    with run_conditions(path_plan(path, device)):
         return _measure(make_step(path, batch_size, device))
 
 

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from torch.distributions import Distribution
 
 from fastvae.config import ModelConfig, RunPlan, TrainConfig
 from fastvae.data import load_images, to_float
@@ -35,22 +36,37 @@ def path_plan(path: str, device: torch.device) -> RunPlan:
 
 
 @contextlib.contextmanager
-def cpu_allocator(path: str, device: torch.device) -> Iterator[None]:
-    """The glibc malloc setting `path`'s plan trains with, for the duration of the block."""
-    if path_plan(path, device).cpu_allocator != "cached":
-        yield
-        return
-    keep_freed_memory()
+def distribution_argument_checks() -> Iterator[None]:
+    """torch.distributions checking its arguments, as the lab's code runs in a process of its own (Python's
+    default), for the block: dynamo turns the checks off for the whole process at its first compile, and on a GPU
+    each check reads the device."""
+    validate = Distribution._validate_args
+    Distribution.set_default_validate_args(__debug__)
     try:
         yield
     finally:
-        return_freed_memory()
+        Distribution.set_default_validate_args(validate)
+
+
+@contextlib.contextmanager
+def run_conditions(plan: RunPlan) -> Iterator[None]:
+    """The process-wide settings a run of `plan` trains under in a process of its own, for the block: glibc's
+    malloc setting and torch.distributions' argument checks."""
+    cached = plan.cpu_allocator == "cached"
+    if cached:
+        keep_freed_memory()
+    try:
+        with distribution_argument_checks():
+            yield
+    finally:
+        if cached:
+            return_freed_memory()
 
 
 def make_step(path: str, batch_size: int, device: torch.device) -> Callable[[], float]:
     """One training step of `path` on a fixed batch of real images, built from its plan as `fastvae train` builds
     it; returns the loss as a float, so a timed call waits for the device."""
-    step = build_step(path_plan(path, device), ModelConfig(), lr=2e-3, beta=1.0, seed=0)
+    step = build_step(path_plan(path, device), ModelConfig(), lr=2e-3, beta=1.0, seed=0, batch_size=batch_size)
     images = to_float(load_images("fashion-mnist", "train")[:batch_size]).to(device)
     seed_offset = torch.tensor([0, 0], device=device)  # eps is drawn in the step, from this pair
     return lambda: float(step(images, seed_offset))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -15,6 +17,8 @@ from fastvae.model import VAE, vae_loss
 from fastvae.plan import RunPlan
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# Adam's param-group keys that choose how it runs, not what it computes.
+OPTIMIZER_IMPLEMENTATION = ("capturable", "fused", "foreach")
 
 
 def build_model(plan: RunPlan, config: ModelConfig) -> torch.nn.Module:
@@ -62,9 +66,22 @@ class TrainingStep:
     def eager(self, images: torch.Tensor, seed_offset: torch.Tensor) -> torch.Tensor:
         return train_step(self.loss_fn, images, seed_offset, self.optimizer, self.scaler)
 
+    def load_state(self, saved: dict[str, Any]) -> None:
+        """Adam's and the scaler's state from a checkpoint (`{"optimizer": ..., "scaler": ...}`), kept running as
+        this plan built them: Optimizer.load_state_dict would also restore the saved run's implementation flags
+        (a CPU run's non-capturable Adam would then fail this run's CUDA graph capture), and it places the step
+        counts by the flags it loads."""
+        flags = [{key: group[key] for key in OPTIMIZER_IMPLEMENTATION} for group in self.optimizer.param_groups]
+        groups = [{**group, **ours} for group, ours in zip(saved["optimizer"]["param_groups"], flags, strict=True)]
+        self.optimizer.load_state_dict({**saved["optimizer"], "param_groups": groups})
+        if saved["scaler"]:  # empty when the saved run had no fp16 scaler: this one's starts fresh
+            self.scaler.load_state_dict(saved["scaler"])
 
-def build_step(plan: RunPlan, config: ModelConfig, *, lr: float, beta: float, seed: int) -> TrainingStep:
-    """The plan's model (weights drawn from `seed`) on the plan's device, its loss as the plan runs it, Adam."""
+
+def build_step(plan: RunPlan, config: ModelConfig, *, lr: float, beta: float, seed: int,
+               batch_size: int) -> TrainingStep:
+    """The plan's model (weights drawn from `seed`) on the plan's device, its loss as the plan runs it, Adam;
+    `batch_size` is one process's batch (the fp16 gradient scaler starts from it)."""
     torch.manual_seed(seed)
     device = plan.torch_device
     model = build_model(plan, config).to(device)
@@ -80,11 +97,23 @@ def build_step(plan: RunPlan, config: ModelConfig, *, lr: float, beta: float, se
     # A captured step keeps Adam's step count on the GPU (capturable), where the graph can advance it.
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, capturable=plan.cuda_graph,
                                  fused=True if plan.optimizer == "fused" else None)
-    scaler = torch.amp.GradScaler(device.type, enabled=plan.amp_dtype == "float16")
+    scaler = torch.amp.GradScaler(device.type, init_scale=initial_loss_scale(batch_size, config),
+                                  enabled=plan.amp_dtype == "float16")
     step = TrainingStep(model, loss_fn, optimizer, scaler)
     if plan.cuda_graph:
         step.graph = GraphedStep(step.eager)
     return step
+
+
+def initial_loss_scale(batch_size: int, config: ModelConfig) -> float:
+    """fp16's first loss scale: GradScaler's default 2^16 over the number of terms the loss sums, as a power of 2.
+
+    The default is made for a mean loss; this one is a sum over the batch's pixels, so a weight's gradient sums
+    B * C * H * W per-pixel terms and is that much larger. NOTE: CPU autocast fp16, batch 32: from 2^16 the first
+    14 steps overflowed and were skipped (the scale halving to 4 each time) before one updated the weights.
+    """
+    terms = batch_size * config.im_chan * config.image_size**2
+    return 2.0 ** math.floor(math.log2(2**16 / terms))
 
 
 def train_step(loss_fn: LossFn, images: torch.Tensor, seed_offset: torch.Tensor,

@@ -73,7 +73,7 @@ class Trainer:
         self.test_images = splits.test.to(self.device)
         self.train_images = train_images.to(self.device)
         self.step = build_step(self.plan, model_config, lr=config.lr, beta=config.beta,
-                               seed=derived_seed(config.seed))
+                               seed=derived_seed(config.seed), batch_size=config.batch_size // launch.world_size)
         self.model = self.step.model
         self.record = new_record(model_config, config, self.plan)
 
@@ -86,9 +86,7 @@ class Trainer:
                 f"{asdict(self.model_config)}: drop the conflicting option (e.g. --z-dim) or use a new --out"
             )
         load_into(self.model, state, self.out_dir)
-        saved = load_optimizer_state(self.out_dir, epoch)
-        self.step.optimizer.load_state_dict(saved["optimizer"])
-        self.step.scaler.load_state_dict(saved["scaler"])
+        self.step.load_state(load_optimizer_state(self.out_dir, epoch))
         self.record["epochs_done"] = epoch
         self.record["epochs"] = record["epochs"]
         self.record["checkpoint"] = record["checkpoint"]

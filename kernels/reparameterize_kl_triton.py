@@ -31,6 +31,55 @@ def _launcher(kernel: triton.JITFunction | InterpretedFunction) -> object:
 
 
 @triton.jit
+def _philox_words(seed, counter):
+    """Philox4x32-10's 4 uint32 words for int64 counters (>= 0, any shape): the counter's low and high words
+    are c0 and c1 (c2 = c3 = 0), the int64 seed's low and high words the key."""
+    low = counter.to(tl.uint32)
+    zero = low * 0
+    return tl.philox(seed, low, (counter >> 32).to(tl.uint32), zero, zero)
+
+
+@triton.jit
+def _eps_grouped(seed, first, BLOCK_B: tl.constexpr, BLOCK_Z: tl.constexpr):
+    """_philox_eps where every first[i] is a multiple of 4: columns 4j..4j+3 are the 4 lanes of one call."""
+    counters = (first >> 2)[:, None] + tl.arange(0, BLOCK_Z // 4)[None, :]  # (BLOCK_B, BLOCK_Z // 4)
+    w0, w1, w2, w3 = _philox_words(seed, counters)
+    n0, n1 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(w0), tl.uint_to_uniform_float(w1))
+    n2, n3 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(w2), tl.uint_to_uniform_float(w3))
+    # A trailing (2, 2) axis [p, q] holding lane 2p + q flattens into column 4j + 2p + q.
+    return tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), (BLOCK_B, BLOCK_Z))
+
+
+@triton.jit
+def _eps_per_element(seed, first, BLOCK_Z: tl.constexpr):
+    """_philox_eps for any first: each element makes its group's Philox call and keeps its own lane."""
+    n = first[:, None] + tl.arange(0, BLOCK_Z)[None, :]  # (BLOCK_B, BLOCK_Z) int64
+    w0, w1, w2, w3 = _philox_words(seed, n >> 2)
+    # Only the lane's Box-Muller pair is transformed, by the same pair_uniform_to_normal: bit for bit the
+    # grouped path's eps.
+    second_pair = (n & 2) != 0
+    u_radius = tl.uint_to_uniform_float(tl.where(second_pair, w2, w0))
+    u_angle = tl.uint_to_uniform_float(tl.where(second_pair, w3, w1))
+    cos_normal, sin_normal = tl.pair_uniform_to_normal(u_radius, u_angle)
+    return tl.where((n & 1) != 0, sin_normal, cos_normal)
+
+
+@triton.jit
+def _philox_eps(seed, first, grouped, BLOCK_B: tl.constexpr, BLOCK_Z: tl.constexpr):
+    """eps (BLOCK_B, BLOCK_Z) fp32: eps[i, c] is normal number first[i] + c; first (BLOCK_B,) int64.
+
+    Normal n is lane n % 4 of the 4 normals of Philox call n // 4 (two Box-Muller pairs: lanes 0-1, 2-3).
+    grouped (a runtime flag: every first[i] a multiple of 4) makes one call per 4 columns, as a
+    (BLOCK_B, BLOCK_Z // 4) tile whose lanes are joined and flattened into columns, so loads, stores and eps
+    keep one layout; otherwise each element makes its group's call, 4x the Philox work for the same numbers."""
+    if grouped:
+        eps = _eps_grouped(seed, first, BLOCK_B, BLOCK_Z)
+    else:
+        eps = _eps_per_element(seed, first, BLOCK_Z)
+    return eps
+
+
+@triton.jit
 def _reparameterize_kl_forward_kernel(
     mean_ptr,  # (B, Z), rows stride_mean apart, columns contiguous; fp32, bf16 or fp16
     log_sigma_ptr,  # (B, Z), rows stride_log_sigma apart, columns contiguous; mean's dtype
@@ -51,6 +100,8 @@ def _reparameterize_kl_forward_kernel(
     if not EPS_IN_MEMORY:
         seed = tl.load(seed_offset_ptr)
         offset = tl.load(seed_offset_ptr + 1)
+        # BLOCK_Z is a multiple of 4, so every block of a row starts a Philox group when Z and offset do.
+        grouped = (Z % 4 == 0) & (offset % 4 == 0)
     kl = tl.zeros((BLOCK_B,), dtype=tl.float32)
     for start in range(0, Z, BLOCK_Z):
         cols = start + tl.arange(0, BLOCK_Z)
@@ -64,9 +115,9 @@ def _reparameterize_kl_forward_kernel(
         if EPS_IN_MEMORY:
             eps = tl.load(eps_ptr + index, mask=mask, other=0.0)
         else:
-            # Philox keyed by seed, counter offset + element index: the backward kernel draws the same eps again,
+            # Normal number offset + element index under seed: the backward kernel draws the same eps again,
             # so eps is never written to memory.
-            eps = tl.randn(seed, offset + index)
+            eps = _philox_eps(seed, offset + rows * Z + start, grouped, BLOCK_B, BLOCK_Z)
         sigma = tl.exp(log_sigma)
         tl.store(z_ptr + index, (mean + sigma * eps).to(z_ptr.dtype.element_ty), mask=mask)
         kl += tl.sum(0.5 * (sigma * sigma + mean * mean - 1.0) - log_sigma, axis=1)
@@ -96,6 +147,7 @@ def _reparameterize_kl_backward_kernel(
     if not EPS_IN_MEMORY:
         seed = tl.load(seed_offset_ptr)
         offset = tl.load(seed_offset_ptr + 1)
+        grouped = (Z % 4 == 0) & (offset % 4 == 0)
     dkl = tl.load(dkl_ptr + rows, mask=row_mask, other=0.0)[:, None]  # (BLOCK_B, 1)
     for start in range(0, Z, BLOCK_Z):
         cols = start + tl.arange(0, BLOCK_Z)
@@ -109,7 +161,7 @@ def _reparameterize_kl_backward_kernel(
         if EPS_IN_MEMORY:
             eps = tl.load(eps_ptr + index, mask=mask, other=0.0)
         else:
-            eps = tl.randn(seed, offset + index)  # the forward's eps: same key, same counters
+            eps = _philox_eps(seed, offset + rows * Z + start, grouped, BLOCK_B, BLOCK_Z)  # the forward's eps
         sigma = tl.exp(log_sigma)
         # d/dmean [z, KL] = [1, mean]; d/dlog_sigma [z, KL] = [eps * sigma, sigma^2 - 1].
         dmean = dz + dkl * mean

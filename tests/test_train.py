@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from fastvae import train as train_module
 from fastvae.checkpoint import load_weights, save_checkpoint
 from fastvae.cli import main
 from fastvae.config import ModelConfig, TrainConfig
-from fastvae.data import load_images
+from fastvae.data import load_images, to_float
 from fastvae.evaluate import importance_weighted_bound, negative_elbo
 from fastvae.kernels.counter_normal import counter_normal
 from fastvae.kernels.reparameterize_kl_torch import reparameterize_kl_torch
@@ -252,6 +253,46 @@ def test_fp16_scaler_skips_a_step_whose_gradients_overflow(fused: bool) -> None:
     assert torch.equal(weight.detach(), torch.ones(3)) and scaler.get_scale() == 2.0**15
     step_module.train_step(loss_fn, torch.ones(3), torch.tensor([0, 0]), optimizer, scaler)
     assert not torch.equal(weight.detach(), torch.ones(3)) and optimizer.state[weight]["step"].item() == 1
+
+
+def test_resume_keeps_this_plans_optimizer_and_scaler(tiny_data_dir: Path) -> None:
+    """A checkpoint of PyTorch's default Adam and no scaler, loaded into a step whose plan fuses Adam (a GPU's;
+    fused Adam runs on the CPU too) and scales fp16 gradients: it keeps running as its plan built it. A plain
+    Optimizer.load_state_dict turns the saved flags back on, which on a GPU breaks the graph capture."""
+    images, pair = to_float(load_images("mnist", "train", tiny_data_dir)[:16]), torch.tensor([0, 0])
+    plan = make_plan(TrainConfig(device="cpu"))
+    saved_by = step_module.build_step(plan, ModelConfig(), lr=2e-3, beta=1.0, seed=0, batch_size=16)
+    saved_by(images, pair)
+    saved = {"optimizer": saved_by.optimizer.state_dict(), "scaler": saved_by.scaler.state_dict()}
+    assert saved["scaler"] == {}
+    gpu_like = replace(plan, optimizer="fused", amp_dtype="float16")
+    plain = step_module.build_step(gpu_like, ModelConfig(), lr=2e-3, beta=1.0, seed=0, batch_size=16)
+    plain.optimizer.load_state_dict(saved["optimizer"])
+    assert not plain.optimizer.param_groups[0]["fused"]  # the defect load_state guards against
+    resumed = step_module.build_step(gpu_like, ModelConfig(), lr=2e-3, beta=1.0, seed=0, batch_size=16)
+    resumed.load_state(saved)
+    assert all(group["fused"] for group in resumed.optimizer.param_groups)
+    assert {state["step"].dtype for state in resumed.optimizer.state.values()} == {torch.float32}
+    assert resumed(images, pair).isfinite()
+    assert {int(state["step"]) for state in resumed.optimizer.state.values()} == {2}
+
+
+def test_fp16_scaler_starts_at_a_scale_whose_gradients_fit(tiny_data_dir: Path) -> None:
+    """The loss sums every pixel of the batch: from GradScaler's default 2^16 its fp16 gradients overflow and the
+    first steps are skipped. From the step's own initial scale none is. Run with CPU autocast fp16, which
+    computes in the same dtype as a GPU without bf16."""
+    images = to_float(load_images("mnist", "train", tiny_data_dir)[:32])
+    plan = replace(make_plan(TrainConfig(device="cpu", amp=True)), amp_dtype="float16")
+    skipped = {}
+    for start in ("default", "the step's"):
+        step = step_module.build_step(plan, ModelConfig(), lr=2e-3, beta=1.0, seed=0, batch_size=32)
+        if start == "default":
+            step.scaler = torch.amp.GradScaler("cpu")
+        for _ in range(3):
+            assert step(images, torch.tensor([0, 0])).isfinite()
+        adam_steps = {int(state["step"]) for state in step.optimizer.state.values()}
+        skipped[start] = 3 - adam_steps.pop() if len(adam_steps) == 1 else 3
+    assert skipped == {"default": 3, "the step's": 0}
 
 
 @pytest.mark.cuda
