@@ -18,6 +18,7 @@ from fastvae import train as train_module
 from fastvae.checkpoint import load_weights, save_checkpoint
 from fastvae.cli import main
 from fastvae.config import ModelConfig, TrainConfig
+from fastvae.cuda_graph import WARMUP_STEPS, GraphedStep
 from fastvae.data import load_images, to_float
 from fastvae.evaluate import importance_weighted_bound, negative_elbo
 from fastvae.kernels.counter_normal import counter_normal
@@ -211,11 +212,24 @@ def test_an_epoch_reads_the_host_only_on_schedule(tiny_data_dir: Path, tmp_path:
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("graphed", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["eager", "graphed"])
 def test_steps_between_reads_never_sync_the_gpu(tiny_data_dir: Path, tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+                                                monkeypatch: pytest.MonkeyPatch, graphed: bool) -> None:
     """CUDA's sync debug mode raises on any synchronizing call. It is on from the end of an epoch's first read
-    to the epoch's end, except inside the loop's own reads: every step after the first is checked."""
+    to the epoch's end, except inside the loop's own reads: every step after the first is checked. Graphed, the
+    one capture (which synchronizes, once a run) is let through too; its warmup steps and replays are checked."""
     real_read, real_epoch = train_module.read_to_host, train_module.Trainer.train_epoch
+    real_call = GraphedStep.__call__
+
+    def capture_may_sync(self: GraphedStep, images: torch.Tensor, seed_offset: torch.Tensor) -> torch.Tensor:
+        if self.graph is not None or self.steps < WARMUP_STEPS:
+            return real_call(self, images, seed_offset)
+        mode = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("default")
+        try:
+            return real_call(self, images, seed_offset)
+        finally:
+            torch.cuda.set_sync_debug_mode(mode)
 
     def read_then_forbid_syncs(values: torch.Tensor) -> list[float]:
         torch.cuda.set_sync_debug_mode("default")
@@ -233,7 +247,11 @@ def test_steps_between_reads_never_sync_the_gpu(tiny_data_dir: Path, tmp_path: P
     monkeypatch.setattr(train_module, "READ_EVERY", 4)
     monkeypatch.setattr(train_module, "read_to_host", read_then_forbid_syncs)
     monkeypatch.setattr(train_module.Trainer, "train_epoch", epoch)
-    assert _train(tiny_data_dir, tmp_path / "run", "--epochs", "1", "--batch-size", "16", "--device", "cuda") == 0
+    monkeypatch.setattr(GraphedStep, "__call__", capture_may_sync)
+    graph = ["--compile", "--compile-mode", "reduce-overhead"] if graphed else []
+    out = tmp_path / "run"
+    assert _train(tiny_data_dir, out, "--epochs", "1", "--batch-size", "16", "--device", "cuda", *graph) == 0
+    assert json.loads((out / "run.json").read_text())["plan"]["cuda_graph"] == graphed
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["default-adam", "fused-adam"])
