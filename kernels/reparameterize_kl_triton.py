@@ -17,8 +17,11 @@ from fastvae.kernels.reparameterize_kl_torch import (
 )
 
 # Elements one program handles: BLOCK_B rows x BLOCK_Z columns, 4 per thread with 8 warps.
-# NOTE: sm_90 AOT build: 8 warps need 64-78 registers a thread, 4 warps 90-159 (Philox and Box-Muller for 8
-# elements a thread): 8 warps keep occupancy up on this memory-bound op. tests/test_kernel_aot.py prints them.
+# NOTE: sm_90 AOT build, SASS instructions in the loop body per element (a count, not a GPU timing), fp32,
+# Z = 32, pointers, Z and strides multiples of 16 as a launch specializes them: 82.5 forward and 88 backward when
+# offset and Z are multiples of 4 (one Philox call per 4 normals), 138 and 143 otherwise (two per 4), against 136
+# and 138.5 for tl.randn's call per normal; 45-48 registers a thread with 8 warps (tl.randn: 47-48).
+# tests/test_kernel_aot.py prints the registers of every variant.
 _TILE = 1024
 NUM_WARPS = 8
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -40,42 +43,58 @@ def _philox_words(seed, counter):
 
 
 @triton.jit
-def _eps_grouped(seed, first, BLOCK_B: tl.constexpr, BLOCK_Z: tl.constexpr):
-    """_philox_eps where every first[i] is a multiple of 4: columns 4j..4j+3 are the 4 lanes of one call."""
-    counters = (first >> 2)[:, None] + tl.arange(0, BLOCK_Z // 4)[None, :]  # (BLOCK_B, BLOCK_Z // 4)
+def _group_normals(seed, counters):
+    """The 4 normals (lanes 0-3) of the Philox calls at int64 counters: two Box-Muller pairs, lanes 0-1, 2-3."""
     w0, w1, w2, w3 = _philox_words(seed, counters)
     n0, n1 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(w0), tl.uint_to_uniform_float(w1))
     n2, n3 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(w2), tl.uint_to_uniform_float(w3))
-    # A trailing (2, 2) axis [p, q] holding lane 2p + q flattens into column 4j + 2p + q.
-    return tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), (BLOCK_B, BLOCK_Z))
+    return n0, n1, n2, n3
 
 
 @triton.jit
-def _eps_per_element(seed, first, BLOCK_Z: tl.constexpr):
-    """_philox_eps for any first: each element makes its group's Philox call and keeps its own lane."""
-    n = first[:, None] + tl.arange(0, BLOCK_Z)[None, :]  # (BLOCK_B, BLOCK_Z) int64
-    w0, w1, w2, w3 = _philox_words(seed, n >> 2)
-    # Only the lane's Box-Muller pair is transformed, by the same pair_uniform_to_normal: bit for bit the
-    # grouped path's eps.
-    second_pair = (n & 2) != 0
-    u_radius = tl.uint_to_uniform_float(tl.where(second_pair, w2, w0))
-    u_angle = tl.uint_to_uniform_float(tl.where(second_pair, w3, w1))
-    cos_normal, sin_normal = tl.pair_uniform_to_normal(u_radius, u_angle)
-    return tl.where((n & 1) != 0, sin_normal, cos_normal)
+def _columns(l0, l1, l2, l3, BLOCK_B: tl.constexpr, BLOCK_Z: tl.constexpr):
+    """(BLOCK_B, BLOCK_Z) tile whose column 4j + k is lk[:, j], from four (BLOCK_B, BLOCK_Z // 4) tiles."""
+    # A trailing (2, 2) axis [p, q] holding l(2p + q) flattens into column 4j + 2p + q.
+    return tl.reshape(tl.join(tl.join(l0, l2), tl.join(l1, l3)), (BLOCK_B, BLOCK_Z))
+
+
+@triton.jit
+def _eps_grouped(seed, first, BLOCK_B: tl.constexpr, BLOCK_Z: tl.constexpr):
+    """_philox_eps where every first[i] is a multiple of 4: columns 4j..4j+3 are the 4 lanes of one call."""
+    counters = (first >> 2)[:, None] + tl.arange(0, BLOCK_Z // 4)[None, :]  # (BLOCK_B, BLOCK_Z // 4)
+    n0, n1, n2, n3 = _group_normals(seed, counters)
+    return _columns(n0, n1, n2, n3, BLOCK_B, BLOCK_Z)
+
+
+@triton.jit
+def _eps_straddling(seed, first, BLOCK_B: tl.constexpr, BLOCK_Z: tl.constexpr):
+    """_philox_eps for any first: with s = first % 4, columns 4j..4j+3 are lanes s.. of call first // 4 + j
+    followed by lanes ..s-1 of the next call, so two calls per 4 columns."""
+    counters = (first >> 2)[:, None] + tl.arange(0, BLOCK_Z // 4)[None, :]  # (BLOCK_B, BLOCK_Z // 4)
+    a0, a1, a2, a3 = _group_normals(seed, counters)
+    b0, b1, b2, b3 = _group_normals(seed, counters + 1)
+    s = (first % 4)[:, None]  # (BLOCK_B, 1)
+    # Column 4j + k is normal s + k of the 8 lanes a0..a3, b0..b3.
+    l0 = tl.where(s == 0, a0, tl.where(s == 1, a1, tl.where(s == 2, a2, a3)))
+    l1 = tl.where(s == 0, a1, tl.where(s == 1, a2, tl.where(s == 2, a3, b0)))
+    l2 = tl.where(s == 0, a2, tl.where(s == 1, a3, tl.where(s == 2, b0, b1)))
+    l3 = tl.where(s == 0, a3, tl.where(s == 1, b0, tl.where(s == 2, b1, b2)))
+    return _columns(l0, l1, l2, l3, BLOCK_B, BLOCK_Z)
 
 
 @triton.jit
 def _philox_eps(seed, first, grouped, BLOCK_B: tl.constexpr, BLOCK_Z: tl.constexpr):
     """eps (BLOCK_B, BLOCK_Z) fp32: eps[i, c] is normal number first[i] + c; first (BLOCK_B,) int64.
 
-    Normal n is lane n % 4 of the 4 normals of Philox call n // 4 (two Box-Muller pairs: lanes 0-1, 2-3).
-    grouped (a runtime flag: every first[i] a multiple of 4) makes one call per 4 columns, as a
-    (BLOCK_B, BLOCK_Z // 4) tile whose lanes are joined and flattened into columns, so loads, stores and eps
-    keep one layout; otherwise each element makes its group's call, 4x the Philox work for the same numbers."""
+    Normal n is lane n % 4 of the 4 normals of Philox call n // 4. grouped (a runtime flag: every first[i] a
+    multiple of 4) takes one call per 4 columns, otherwise two. The calls form a (BLOCK_B, BLOCK_Z // 4) tile
+    whose lanes are joined into columns, so a thread's 4 contiguous columns come from its own call(s): the
+    loads, stores and eps share one layout, with no shuffle through shared memory."""
+    tl.static_assert(BLOCK_Z % 4 == 0)
     if grouped:
         eps = _eps_grouped(seed, first, BLOCK_B, BLOCK_Z)
     else:
-        eps = _eps_per_element(seed, first, BLOCK_Z)
+        eps = _eps_straddling(seed, first, BLOCK_B, BLOCK_Z)
     return eps
 
 

@@ -146,6 +146,84 @@ def test_triton_philox_eps_is_standard_normal() -> None:
     assert abs(x.var().item() - 1) < 6 * (2 / n) ** 0.5
     assert abs((x[1:] * x[:-1]).mean().item()) < 6 / n**0.5
     assert abs((eps[1:].double() * eps[:-1].double()).mean().item()) < 6 / n**0.5
+    # Columns 4j..4j+3 are the 4 lanes of one Philox call (two Box-Muller pairs): across m groups,
+    # sd(correlation) = 1/sqrt(m), and within a pair sd(mean of (a^2 - 1)(b^2 - 1)) = 2/sqrt(m) for independent
+    # normals, which a pair sharing its radius badly would fail.
+    lanes = eps.double().reshape(batch, z_dim // 4, 4).reshape(-1, 4)  # (m, 4): lane k in column k
+    m = lanes.shape[0]
+    for a, b in ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)):
+        assert abs((lanes[:, a] * lanes[:, b]).mean().item()) < 6 / m**0.5, (a, b)
+    for a, b in ((0, 1), (2, 3)):
+        assert abs(((lanes[:, a] ** 2 - 1) * (lanes[:, b] ** 2 - 1)).mean().item()) < 6 * 2 / m**0.5, (a, b)
+
+
+def _philox_normals(seed: int, first: int, count: int) -> torch.Tensor:
+    """Normals first .. first + count - 1 as the kernels define them, in NumPy: normal n is lane n % 4 of
+    Philox4x32-10 (Triton's round constants) at counter words (n // 4 low, n // 4 high, 0, 0) under key
+    (seed low, seed high), its 4 words made uniform and paired by Box-Muller as triton.language does."""
+    import numpy as np
+
+    def u32(x: np.ndarray) -> np.ndarray:
+        return (x & 0xFFFF_FFFF).astype(np.uint64)
+
+    groups = np.arange(first // 4, (first + count - 1) // 4 + 1, dtype=np.uint64)
+    c = [u32(groups), groups >> np.uint64(32), np.zeros_like(groups), np.zeros_like(groups)]
+    k0, k1 = np.uint64(seed & 0xFFFF_FFFF), np.uint64(seed >> 32)
+    round_a, round_b = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
+    for _ in range(10):
+        product_b, product_a = round_b * c[2], round_a * c[0]  # < 2**64: no wrap in uint64
+        c = [(product_b >> np.uint64(32)) ^ c[1] ^ k0, u32(product_b), (product_a >> np.uint64(32)) ^ c[3] ^ k1,
+             u32(product_a)]
+        k0, k1 = u32(k0 + np.uint64(0x9E3779B9)), u32(k1 + np.uint64(0xBB67AE85))
+    signed = [w.astype(np.uint32).view(np.int32) for w in c]
+    uniform = [np.where(w < 0, ~w, w).astype(np.float32) * np.float32(4.6566127342e-10) for w in signed]
+    normals = []
+    for u_radius, u_angle in ((uniform[0], uniform[1]), (uniform[2], uniform[3])):
+        radius = np.sqrt(np.float32(-2.0) * np.log(np.maximum(np.float32(1e-7), u_radius)))
+        angle = np.float32(6.283185307179586) * u_angle
+        normals += [radius * np.cos(angle), radius * np.sin(angle)]
+    lanes = np.stack(normals, axis=1).reshape(-1)  # normal 4 * groups[0] + i at i
+    return torch.from_numpy(lanes[first % 4:first % 4 + count].copy())
+
+
+@needs_triton
+def test_triton_philox_eps_is_the_documented_stream() -> None:
+    """eps[row, col] = normal(offset + row * Z + col), normal defined by _philox_normals; the counters cross
+    2**32 groups, so the counter's high word is checked too. To rounding: the kernels' log, sqrt, sin and cos
+    are the device's."""
+    seed, offset = 0x7FFF_0123_4567_89AB, 2**34 - 64
+    for batch, z_dim, shift in ((7, 20, 0), (7, 20, 1), (5, 33, 0)):
+        zeros = torch.zeros(batch, z_dim, device=TRITON_DEVICE)
+        pair = torch.tensor([seed, offset + shift], device=zeros.device)
+        eps = reparameterize_kl_forward(zeros, zeros, seed_offset=pair)[0].cpu().flatten()
+        torch.testing.assert_close(eps, _philox_normals(seed, offset + shift, batch * z_dim), rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+def test_triton_philox_grouped_and_per_element_paths_agree() -> None:
+    """One Philox call per 4 columns (Z and offset multiples of 4) and one per element (otherwise) give the
+    same numbers bit for bit: the same 4,224 normals laid out as rows of different lengths, or shifted by
+    an offset that is not a multiple of 4, agree exactly, backward included."""
+    seed, offset = 0x7FFF_0123_4567_89AB, 2**34 - 64  # group counters cross 2**32: the high word carries
+
+    def eps(offset: int, batch: int, z_dim: int) -> torch.Tensor:
+        zeros = torch.zeros(batch, z_dim, device=TRITON_DEVICE)
+        pair = torch.tensor([seed, offset], device=zeros.device)
+        return reparameterize_kl_forward(zeros, zeros, seed_offset=pair)[0].flatten()
+
+    flat = eps(offset, 132, 32)  # grouped
+    # Grouped: 64 and 132 columns (132 loops over two blocks, the second mostly masked); per element: 33, 1.
+    for batch, z_dim in ((66, 64), (32, 132), (128, 33), (4224, 1)):
+        assert torch.equal(eps(offset, batch, z_dim), flat), (batch, z_dim)
+    for shift in (1, 2, 3):  # per element, because the offset is not a multiple of 4
+        assert torch.equal(eps(offset + shift, 132, 32)[:-shift], flat[shift:]), shift
+    mean, log_sigma, _, dz, dkl = _inputs(66, 64, torch.float32, TRITON_DEVICE)
+    for name, shift in (("grouped", 0), ("per element", 1)):
+        pair = torch.tensor([seed, offset - shift], device=mean.device)
+        given = eps(offset - shift, 66, 64)[:66 * 64].reshape(66, 64)
+        drawn = reparameterize_kl_backward(dz, dkl, mean, log_sigma, seed_offset=pair)
+        read = reparameterize_kl_backward(dz, dkl, mean, log_sigma, eps=given)
+        assert all(torch.equal(a, b) for a, b in zip(drawn, read, strict=True)), name
 
 
 @needs_triton
