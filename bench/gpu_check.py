@@ -181,7 +181,8 @@ def cuda_tests(device: torch.device, root: Path, timeout_s: float) -> dict[str, 
         return {"note": "skipped: needs a CUDA GPU"}
     rest = sorted(p.relative_to(root).as_posix() for p in (root / "tests").glob("test_*.py"))
     files = [*CUDA_TEST_ORDER, *(f for f in rest if f not in CUDA_TEST_ORDER)]
-    command = [sys.executable, "-m", "pytest", "-m", "cuda", "-v", "-rfEs", "-p", "no:cacheprovider", *files]
+    command = [sys.executable, "-m", "pytest", "-m", "cuda or triton", "-v", "-rfEs", "-p", "no:cacheprovider",
+               *files]
     # In a session of its own, so that a timeout ends the tests' own children (torchrun) with them.
     process = subprocess.Popen(command, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True)

@@ -28,10 +28,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(autouse=True)
 def cpu_unless_marked_cuda(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """On a machine with a GPU, a test not marked `cuda` runs as on one without, its subprocesses too: its
-    `--device auto` is the CPU, whose runs repeat bit for bit (cuDNN's backward convolutions may sum in another
-    order from run to run, so a GPU's do not)."""
-    if torch.cuda.is_available() and request.node.get_closest_marker("cuda") is None:
+    """On a machine with a GPU, a test marked neither `cuda` nor `triton` runs as on one without, its subprocesses
+    too: its `--device auto` is the CPU, whose runs repeat bit for bit (cuDNN's backward convolutions may sum in
+    another order from run to run, so a GPU's do not)."""
+    marked = any(request.node.get_closest_marker(name) for name in ("cuda", "triton"))
+    if torch.cuda.is_available() and not marked:
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
 

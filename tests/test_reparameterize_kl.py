@@ -15,7 +15,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -39,9 +39,11 @@ from fastvae.kernels.reparameterize_kl_triton import (  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 TRITON_DEVICE = "cpu" if INTERPRET else "cuda" if torch.cuda.is_available() else None
-needs_triton = pytest.mark.skipif(
-    TRITON_DEVICE is None, reason="no GPU: test_interpreter_runs_the_triton_kernel_tests reruns it interpreted"
-)
+def needs_triton(test: Callable[..., None]) -> Callable[..., None]:
+    """A test of the Triton kernels themselves: compiled for the GPU where one is, interpreted under
+    TRITON_INTERPRET=1. Marked `triton`, so the GPU check (`-m "cuda or triton"`) runs them natively."""
+    reason = "no GPU: test_interpreter_runs_the_triton_kernel_tests reruns it interpreted"
+    return pytest.mark.triton(pytest.mark.skipif(TRITON_DEVICE is None, reason=reason)(test))
 
 SHAPES = [(batch, z_dim) for batch in (1, 7, 1024) for z_dim in (1, 20, 32, 33, 128)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
