@@ -238,7 +238,6 @@ def quality_run(device: torch.device, data_dir: Path | None, quick: bool) -> dic
 
 def train_steps(device: torch.device, data_dir: Path | None, sizes: Sizes) -> dict[str, Any]:
     images = to_float(load_images("fashion-mnist", "train", data_dir)[: sizes.train_batch]).to(device)
-    seed_offset = torch.tensor([0, 0], device=device)
     results = {}
     for name, options in TRAIN_PATHS.items():
         for amp in (False, True):
@@ -252,12 +251,12 @@ def train_steps(device: torch.device, data_dir: Path | None, sizes: Sizes) -> di
             with run_conditions(plan):
                 step = build_step(plan, ModelConfig(), lr=2e-3, beta=1.0, seed=0, batch_size=sizes.train_batch)
                 start = time.perf_counter()
-                step(images, seed_offset)
+                step(images)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 first_s = time.perf_counter() - start
                 # Past a graphed step's uncaptured warmup and its capture: every timed call is a replay.
-                ms = _median_ms(lambda step=step: step(images, seed_offset), device, sizes,
+                ms = _median_ms(lambda step=step: step(images), device, sizes,
                                 warmup=WARMUP_STEPS + 1)
             results[f"{name}{'-amp' if amp else ''}"] = {
                 "ms": round(ms, 3), "images_per_s": round(sizes.train_batch / ms * 1e3),
@@ -371,17 +370,16 @@ def step_profile(device: torch.device, data_dir: Path | None, sizes: Sizes) -> d
     if device.type != "cuda":
         return {"note": "skipped: the profile is of GPU kernel time"}
     images = to_float(load_images("fashion-mnist", "train", data_dir)[: sizes.train_batch]).to(device)
-    seed_offset = torch.tensor([0, 0], device=device)
     result = {}
     for mode in ("default", "reduce-overhead"):
         plan = make_plan(TrainConfig(device="cuda", amp=True, compile=True, compile_mode=mode))
         torch._dynamo.reset()
         step = build_step(plan, ModelConfig(), lr=2e-3, beta=1.0, seed=0, batch_size=sizes.train_batch)
         for _ in range(WARMUP_STEPS + 2):  # compiled, and past the capture
-            step(images, seed_offset)
+            step(images)
         torch.cuda.synchronize()
         start = time.perf_counter()
-        kernels = _kernel_times(lambda step=step: step(images, seed_offset), sizes.profiled_steps)
+        kernels = _kernel_times(lambda step=step: step(images), sizes.profiled_steps)
         wall_ms = (time.perf_counter() - start) * 1e3 / sizes.profiled_steps
         by_name: dict[str, float] = {}
         for name, ms in kernels:

@@ -51,20 +51,42 @@ def make_loss_fn(model: torch.nn.Module, plan: RunPlan, beta: float) -> LossFn:
 
 @dataclass
 class TrainingStep:
-    """`step(images, seed_offset)` trains on one batch and returns the global batch's summed loss, a device
-    tensor: nothing is read on the host."""
+    """`step(images)` trains on one batch and keeps its books on the device, where a whole-step CUDA graph
+    captures them too: nothing is read on the host.
+
+    Per epoch (`start_epoch`): eps is drawn from `seed_offset`, the int64 pair [seed, offset] that each step
+    advances by its global batch's B * Z normals; `tally` (float64) holds [sum of the finite losses, the first
+    step whose loss was not finite (0: none yet), steps taken].
+    """
 
     model: torch.nn.Module  # the plain model, whose state_dict is checkpointed
     loss_fn: LossFn  # compiled and wrapped in DDP as the plan says
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
+    seed_offset: torch.Tensor
+    tally: torch.Tensor
+    normals_per_step: int  # the global batch's B * Z
     graph: GraphedStep | None = None  # the plan's whole-step CUDA graph, replaying `eager`
 
-    def __call__(self, images: torch.Tensor, seed_offset: torch.Tensor) -> torch.Tensor:
-        return (self.graph or self.eager)(images, seed_offset)
+    def start_epoch(self, seed: int, offset: int) -> None:
+        """Counters of a new epoch, set in place (a graph reads these very tensors): eps from [seed, offset]."""
+        self.seed_offset.copy_(torch.tensor([seed, offset]))
+        self.tally.zero_()
 
-    def eager(self, images: torch.Tensor, seed_offset: torch.Tensor) -> torch.Tensor:
-        return train_step(self.loss_fn, images, seed_offset, self.optimizer, self.scaler)
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """Train on `images`; returns the global batch's summed loss (a device tensor; graphed, the graph's own
+        output buffer: read or copy it before the next step)."""
+        return (self.graph or self.eager)(images)
+
+    def eager(self, images: torch.Tensor) -> torch.Tensor:
+        loss = train_step(self.loss_fn, images, self.seed_offset, self.optimizer, self.scaler)
+        self.seed_offset[1:] += self.normals_per_step
+        step = self.tally[2] + 1
+        finite = torch.isfinite(loss)
+        self.tally[0] += torch.where(finite, loss.double(), 0.0)
+        self.tally[1] = torch.where(finite | (self.tally[1] > 0), self.tally[1], step)
+        self.tally[2] = step
+        return loss
 
     def load_state(self, saved: dict[str, Any]) -> None:
         """Adam's and the scaler's state from a checkpoint (`{"optimizer": ..., "scaler": ...}`), kept running as
@@ -81,7 +103,7 @@ class TrainingStep:
 def build_step(plan: RunPlan, config: ModelConfig, *, lr: float, beta: float, seed: int,
                batch_size: int) -> TrainingStep:
     """The plan's model (weights drawn from `seed`) on the plan's device, its loss as the plan runs it, Adam;
-    `batch_size` is one process's batch (the fp16 gradient scaler starts from it)."""
+    `batch_size` is one process's batch (of the global batch that its eps counters advance by)."""
     torch.manual_seed(seed)
     device = plan.torch_device
     model = build_model(plan, config).to(device)
@@ -99,7 +121,10 @@ def build_step(plan: RunPlan, config: ModelConfig, *, lr: float, beta: float, se
                                  fused=True if plan.optimizer == "fused" else None)
     scaler = torch.amp.GradScaler(device.type, init_scale=initial_loss_scale(batch_size, config),
                                   enabled=plan.amp_dtype == "float16")
-    step = TrainingStep(model, loss_fn, optimizer, scaler)
+    seed_offset = torch.zeros(2, dtype=torch.int64, device=device)
+    tally = torch.zeros(3, dtype=torch.float64, device=device)
+    step = TrainingStep(model, loss_fn, optimizer, scaler, seed_offset, tally,
+                        batch_size * plan.world_size * config.z_dim)
     if plan.cuda_graph:
         step.graph = GraphedStep(step.eager)
     return step

@@ -100,33 +100,27 @@ class Trainer:
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """One pass over the training set; `epoch` counts from 1. The host reads the loss only at the steps of
         `read_schedule`: between them, steps queue on the device without waiting for it."""
-        config, model, device = self.config, self.model, self.device
+        config, model = self.config, self.model
         model.train()
         steps = len(self.train_images) // config.batch_size
         reads = set(read_schedule(steps))
         shuffle = generator(config.seed, epoch, SHUFFLE)
         bar = tqdm(total=steps, desc=f"epoch {epoch}/{config.epochs}", unit="step",
                    disable=not self.progress, leave=False)
-        launch, z_dim = self.launch, self.model_config.z_dim
+        launch = self.launch
         first_row = launch.rank * (config.batch_size // launch.world_size)  # this process's, in a global batch
         # eps[row, col] is normal number offset + row * Z + col under the epoch's seed (Philox in the Triton
-        # kernel, counter_normal in PyTorch): the offset grows by B * Z a step, so every step and row of the
-        # epoch has its own counters, and starting at global row first_row gives each process the
-        # single-process rows' eps. It grows on the device, so a step reads nothing from the host.
-        seed_offset = torch.tensor([derived_seed(config.seed, epoch, EPS), first_row * z_dim], device=device)
-        # [sum of the finite losses, first step whose loss was not finite (0: none yet)]
-        tally = torch.zeros(2, dtype=torch.float64, device=device)
+        # kernel, counter_normal in PyTorch): each step advances the offset by B * Z on the device, so every step
+        # and row of the epoch has its own counters, and starting at global row first_row gives each process the
+        # single-process rows' eps.
+        self.step.start_epoch(derived_seed(config.seed, epoch, EPS), first_row * self.model_config.z_dim)
         start, read_step, read_time = time.perf_counter(), 0, 0.0
         batches = shuffled_batches(self.train_images, config.batch_size, shuffle, launch.rank, launch.world_size)
         for step, images in enumerate(batches, 1):
-            loss = self.step(images, seed_offset)
-            seed_offset[1:] += config.batch_size * z_dim
-            finite = torch.isfinite(loss)
-            tally[0] += torch.where(finite, loss.double(), 0.0)
-            tally[1] = torch.where(finite | (tally[1] > 0), tally[1], float(step))
+            self.step(images)
             if step not in reads:
                 continue
-            loss_sum, bad_step = read_to_host(tally)
+            loss_sum, bad_step, _ = read_to_host(self.step.tally)
             if bad_step:
                 bar.close()
                 raise FastVAEError(

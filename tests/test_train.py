@@ -221,13 +221,13 @@ def test_steps_between_reads_never_sync_the_gpu(tiny_data_dir: Path, tmp_path: P
     real_read, real_epoch = train_module.read_to_host, train_module.Trainer.train_epoch
     real_call = GraphedStep.__call__
 
-    def capture_may_sync(self: GraphedStep, images: torch.Tensor, seed_offset: torch.Tensor) -> torch.Tensor:
+    def capture_may_sync(self: GraphedStep, images: torch.Tensor) -> torch.Tensor:
         if self.graph is not None or self.steps < WARMUP_STEPS:
-            return real_call(self, images, seed_offset)
+            return real_call(self, images)
         mode = torch.cuda.get_sync_debug_mode()
         torch.cuda.set_sync_debug_mode("default")
         try:
-            return real_call(self, images, seed_offset)
+            return real_call(self, images)
         finally:
             torch.cuda.set_sync_debug_mode(mode)
 
@@ -277,10 +277,10 @@ def test_resume_keeps_this_plans_optimizer_and_scaler(tiny_data_dir: Path) -> No
     """A checkpoint of PyTorch's default Adam and no scaler, loaded into a step whose plan fuses Adam (a GPU's;
     fused Adam runs on the CPU too) and scales fp16 gradients: it keeps running as its plan built it. A plain
     Optimizer.load_state_dict turns the saved flags back on, which on a GPU breaks the graph capture."""
-    images, pair = to_float(load_images("mnist", "train", tiny_data_dir)[:16]), torch.tensor([0, 0])
+    images = to_float(load_images("mnist", "train", tiny_data_dir)[:16])
     plan = make_plan(TrainConfig(device="cpu"))
     saved_by = step_module.build_step(plan, ModelConfig(), lr=2e-3, beta=1.0, seed=0, batch_size=16)
-    saved_by(images, pair)
+    saved_by(images)
     saved = {"optimizer": saved_by.optimizer.state_dict(), "scaler": saved_by.scaler.state_dict()}
     assert saved["scaler"] == {}
     gpu_like = replace(plan, optimizer="fused", amp_dtype="float16")
@@ -291,7 +291,7 @@ def test_resume_keeps_this_plans_optimizer_and_scaler(tiny_data_dir: Path) -> No
     resumed.load_state(saved)
     assert all(group["fused"] for group in resumed.optimizer.param_groups)
     assert {state["step"].dtype for state in resumed.optimizer.state.values()} == {torch.float32}
-    assert resumed(images, pair).isfinite()
+    assert resumed(images).isfinite()
     assert {int(state["step"]) for state in resumed.optimizer.state.values()} == {2}
 
 
@@ -307,7 +307,7 @@ def test_fp16_scaler_starts_at_a_scale_whose_gradients_fit(tiny_data_dir: Path) 
         if start == "default":
             step.scaler = torch.amp.GradScaler("cpu")
         for _ in range(3):
-            assert step(images, torch.tensor([0, 0])).isfinite()
+            assert step(images).isfinite()
         adam_steps = {int(state["step"]) for state in step.optimizer.state.values()}
         skipped[start] = 3 - adam_steps.pop() if len(adam_steps) == 1 else 3
     assert skipped == {"default": 3, "the step's": 0}
