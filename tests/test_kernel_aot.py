@@ -93,3 +93,34 @@ def test_every_variant_builds_without_spills(
         if stores or loads:
             spilled.append(variant)
     assert not spilled, f"register spills in {spilled}"
+
+
+class _Sm90:
+    """Stands in for Triton's active GPU driver: torch.compile's analysis asks it only for the target."""
+
+    def get_current_target(self) -> GPUTarget:
+        return GPUTarget("cuda", 90, 32)
+
+
+@pytest.mark.parametrize("eps_in_memory", [False, True], ids=["drawn", "given"])
+@pytest.mark.parametrize("kernel, outputs", [(_reparameterize_kl_forward_kernel, {"z_ptr", "kl_ptr"}),
+                                             (_reparameterize_kl_backward_kernel, {"dmean_ptr", "dlog_sigma_ptr"})],
+                         ids=["forward", "backward"])
+def test_compile_sees_exactly_the_outputs_written(kernel: triton.JITFunction, outputs: set[str],
+                                                  eps_in_memory: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.compile reads a user kernel's Triton IR (its helpers' calls included) to learn which tensors it
+    writes; were that to fail, it would assume every input is written and copy them all in the compiled step."""
+    import torch._higher_order_ops.triton_kernel_wrap as wrap
+
+    monkeypatch.setattr(triton.runtime.driver, "_active", _Sm90())
+    batch, z_dim = 8, 32
+    block_b, block_z = block_sizes(z_dim)
+    kwargs = {name: torch.empty(2, dtype=torch.int64) if name == "seed_offset_ptr" else torch.empty(batch, z_dim)
+              for name in kernel.arg_names if name.endswith("_ptr")}
+    kwargs.update(B=batch, Z=z_dim, stride_mean=2 * z_dim, stride_log_sigma=2 * z_dim, BLOCK_B=block_b,
+                  BLOCK_Z=block_z, EPS_IN_MEMORY=eps_in_memory)
+    if hasattr(wrap, "identify_accessed_tensors"):  # torch >= 2.13
+        written = {dep.name for dep in wrap.identify_accessed_tensors(kernel, kwargs, {}).read_writes.writes}
+    else:
+        written = set(wrap.identify_mutated_tensors(kernel, kwargs, {}))
+    assert written == outputs
