@@ -28,6 +28,10 @@ class GraphedStep:
         self.images: torch.Tensor | None = None
         self.loss: torch.Tensor | None = None
 
+    def steps_to_capture(self) -> int:
+        """Calls left up to and including the capture (0 once captured)."""
+        return 0 if self.graph is not None else WARMUP_STEPS + 1 - self.steps
+
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         self.steps += 1
         if self.steps <= WARMUP_STEPS:

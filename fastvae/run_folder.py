@@ -36,9 +36,10 @@ class EpochMetrics:
     epoch: int
     train_loss: float
     images_per_s: float
-    first_step_s: float
+    first_step_s: float  # up to the epoch's first read: step 1, or a graph's warmup steps and its capture
     seconds: float
     test_neg_elbo: float
+    first_steps: int = 1  # the steps first_step_s covers (records from before it was kept: 1)
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,11 @@ class TrainingStep:
         self.seed_offset.copy_(torch.tensor([seed, offset]))
         self.tally.zero_()
 
+    def steps_to_steady(self) -> int:
+        """Steps until this step runs as it will from then on: 1 (the first holds any compiling), or for a graph
+        not yet captured, its uncaptured warmup steps and the capture."""
+        return max(1, self.graph.steps_to_capture()) if self.graph else 1
+
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """Train on `images`; returns the global batch's summed loss (a device tensor; graphed, the graph's own
         output buffer: read or copy it before the next step)."""

@@ -35,10 +35,10 @@ IMAGES = ("recon.png", "samples.png")
 READ_EVERY = 50
 
 
-def read_schedule(steps: int) -> list[int]:
-    """The steps after which an epoch of `steps` reads its loss on the host: the first (its time, with any
-    compiling, is reported on its own), every READ_EVERY-th, and the last."""
-    return sorted({1, steps, *range(READ_EVERY, steps + 1, READ_EVERY)})
+def read_schedule(steps: int, first: int = 1) -> list[int]:
+    """The steps after which an epoch of `steps` reads its loss on the host: step `first` (the time up to it,
+    with any compiling and graph capture, is reported on its own), every READ_EVERY-th, and the last."""
+    return sorted({min(first, steps), steps, *range(READ_EVERY, steps + 1, READ_EVERY)})
 
 
 def read_to_host(values: torch.Tensor) -> list[float]:
@@ -103,7 +103,8 @@ class Trainer:
         config, model = self.config, self.model
         model.train()
         steps = len(self.train_images) // config.batch_size
-        reads = set(read_schedule(steps))
+        first_read = min(self.step.steps_to_steady(), steps)
+        reads = set(read_schedule(steps, first_read))
         shuffle = generator(config.seed, epoch, SHUFFLE)
         bar = tqdm(total=steps, desc=f"epoch {epoch}/{config.epochs}", unit="step",
                    disable=not self.progress, leave=False)
@@ -133,7 +134,7 @@ class Trainer:
             read_step, read_time = step, now
             steady = read_time - steady_start
             # global images/s: the processes step in lockstep
-            speed = f"{(step - 1) * config.batch_size / steady:.0f}" if steady > 0 else "-"
+            speed = f"{(step - first_read) * config.batch_size / steady:.0f}" if steady > 0 else "-"
             bar.set_postfix(loss=f"{loss_sum / (step * config.batch_size):.2f}", img_s=speed)
             bar.update(step - bar.n)
         bar.close()
@@ -141,8 +142,10 @@ class Trainer:
         steady = read_time - steady_start
         return {
             "train_loss": loss_sum / (steps * config.batch_size),
-            "images_per_s": (steps - 1) * config.batch_size / steady if steps > 1 else config.batch_size / seconds,
+            "images_per_s": (steps - first_read) * config.batch_size / steady if steps > first_read
+            else steps * config.batch_size / seconds,
             "first_step_s": first_step_s,
+            "first_steps": first_read,
             "seconds": seconds,
         }
 
@@ -194,7 +197,9 @@ class Trainer:
             self.record["epochs_done"] = epoch
             if self.launch.main:
                 self.save()
-                first = f", first step {metrics['first_step_s']:.1f} s" + (" incl. compile" if config.compile else "")
+                steps = "first step" if metrics["first_steps"] == 1 else f"first {metrics['first_steps']} steps"
+                first = f", {steps} {metrics['first_step_s']:.1f} s" + (
+                    " incl. compile" + (" and graph capture" if self.plan.cuda_graph else "") if config.compile else "")
                 self.log(
                     f"epoch {epoch}/{config.epochs}: train loss {metrics['train_loss']:.2f}, test -ELBO "
                     f"{metrics['test_neg_elbo']:.2f} nats/image, {metrics['images_per_s']:.0f} images/s{first}"

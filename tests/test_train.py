@@ -200,6 +200,15 @@ def test_read_schedule(steps: int, expected: list[int]) -> None:
     assert train_module.read_schedule(steps) == expected
 
 
+def test_a_graphed_epoch_first_reads_after_its_capture() -> None:
+    """A whole-step graph's first epoch first reads after its warmup steps and capture, so its images/s is of
+    replays; the time up to that read is reported apart, as a compile is."""
+    graph = GraphedStep(lambda images: images)
+    assert graph.steps_to_capture() == WARMUP_STEPS + 1 == 4
+    assert train_module.read_schedule(58, graph.steps_to_capture()) == [4, 50, 58]
+    assert train_module.read_schedule(3, graph.steps_to_capture()) == [3]
+
+
 def test_an_epoch_reads_the_host_only_on_schedule(tiny_data_dir: Path, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """A host read waits for the device: an epoch makes exactly the reads of its schedule, whatever its length."""
